@@ -1,0 +1,30 @@
+# `make test` builds everything from nothing: .venv, torch (CPU build where there is no GPU), the package,
+# the test dependencies; then runs the suite. `make demo` prints a small benchmark on this machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch for machines without a GPU; override e.g. TORCH_SPEC="torch" elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-fast demo fuzz gpu-check clean
+
+$(STAMP): setup.py pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests benchmarks/test_bench.py
+
+demo: $(STAMP)
+	$(PY) benchmarks/run.py --quick --out benchmarks/results/_scratch/demo
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,90 @@
+"""Blockwise PyTorch backend: runs on any device and holds one strip of the relation at a time.
+
+For each strip of rows ``I`` it forms ``D = [s|t]_I [s|-t]_C^T = Gs - Gt`` for the columns ``C >= I``
+only (the relation is symmetric), soft-thresholds it, and folds the strip into the loss and into the
+gradient ``2 P s`` through both ``P_IC s_C`` and ``P_IC^T s_I``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..function import accumulation_dtype
+from ..relation import RelationSpec
+
+# Elements of one strip (B x rows x columns); 4M fp32 elements = 16 MiB.
+STRIP_ELEMENTS = 1 << 22
+MIN_ROWS, MAX_ROWS = 32, 512
+
+
+def strip_rows(batch: int, n: int, budget: int = STRIP_ELEMENTS) -> int:
+    rows = budget // max(1, batch * n)
+    return int(max(MIN_ROWS, min(MAX_ROWS, rows)))
+
+
+def _column_end(spec: RelationSpec, row_end: int) -> int:
+    if spec.relation != "spatial":
+        return spec.num_tokens
+    frame_end = -(-row_end // spec.tokens_per_frame)  # frames the strip's rows touch
+    return frame_end * spec.tokens_per_frame
+
+
+def _keep_mask(spec: RelationSpec, r0: int, r1: int, c1: int, device) -> Optional[torch.Tensor]:
+    if spec.relation == "full":
+        return None
+    tpf = spec.tokens_per_frame
+    row_frame = torch.arange(r0, r1, device=device) // tpf
+    col_frame = torch.arange(r0, c1, device=device) // tpf
+    same = row_frame[:, None] == col_frame[None, :]
+    return same if spec.relation == "spatial" else ~same
+
+
+def pair_sums(
+    s_hat: torch.Tensor,
+    t_hat: torch.Tensor,
+    spec: RelationSpec,
+    need_s: bool,
+    need_t: bool,
+    deterministic: bool = False,  # always deterministic: no atomics
+    block_rows: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    acc = accumulation_dtype(s_hat.dtype)
+    # CPU BLAS is fastest (and exact enough) in fp32; on GPU keep the tensor-core dtype for the GEMMs.
+    gemm_dtype = acc if s_hat.device.type == "cpu" else s_hat.dtype
+    s = s_hat.to(gemm_dtype)
+    t = t_hat.to(gemm_dtype)
+    left = torch.cat([s, t], dim=-1)
+    right = torch.cat([s, -t], dim=-1)
+    batch, n, ds = s.shape
+    rows = block_rows or strip_rows(batch, n)
+    margin = spec.margin
+
+    sums = torch.zeros(batch, dtype=acc, device=s.device)
+    g_s = torch.zeros(batch, n, ds, dtype=acc, device=s.device) if need_s else None
+    g_t = torch.zeros(batch, n, t.shape[-1], dtype=acc, device=s.device) if need_t else None
+
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        c1 = _column_end(spec, r1)
+        diff = torch.bmm(left[:, r0:r1], right[:, r0:c1].transpose(1, 2)).to(acc)  # Gs - Gt, [B, R, C]
+        shrunk = diff - diff.clamp(-margin, margin)  # sign(D) * max(|D| - m, 0); NaN stays NaN
+        keep = _keep_mask(spec, r0, r1, c1, s.device)
+        if keep is not None:
+            shrunk = shrunk.masked_fill_(~keep, 0.0)
+        width = r1 - r0  # the diagonal block counts once, the blocks right of it twice (symmetry)
+        sums += shrunk[:, :, :width].abs().sum(dim=(1, 2)) + 2 * shrunk[:, :, width:].abs().sum(dim=(1, 2))
+        if not (need_s or need_t):
+            continue
+        sign = shrunk.sign_().to(gemm_dtype)  # dL/dD; exact in any float dtype
+        for g, feats in ((g_s, s), (g_t, t)):
+            if g is None:
+                continue
+            g[:, r0:r1] += torch.bmm(sign, feats[:, r0:c1]).to(acc)
+            if c1 > r1:
+                g[:, r1:c1] += torch.bmm(sign[:, :, width:].transpose(1, 2), feats[:, r0:r1]).to(acc)
+    if g_s is not None:
+        g_s.mul_(2.0)
+    if g_t is not None:
+        g_t.mul_(-2.0)
+    return sums, g_s, g_t

@@ -1,0 +1,207 @@
+"""Fused Triton backend: the TRD loss and its gradient, tile by tile, never holding an N x N tensor.
+
+One program owns a block of rows ``I`` of one sample and streams column tiles ``J``:
+
+* ``D_IJ = s_I s_J^T - t_I t_J^T`` is accumulated in fp32 registers by ``tl.dot`` over feature chunks;
+* the margin clip, the relation mask and the row sums happen in registers;
+* when a gradient is needed, ``P_IJ = dL/dD_IJ`` (exactly -1, 0 or +1, so exact in bf16/fp16) is
+  multiplied into the gradient rows chunk by chunk of the feature dim.
+
+Two schedules:
+
+* symmetric (default): only tiles ``J >= I``; off-diagonal tiles count twice in the loss and add
+  ``P_IJ s_J`` to rows I and ``P_IJ^T s_I`` to rows J with fp32 atomics;
+* deterministic: every tile ``J`` of the row block, each program updating only its own rows, no atomics.
+
+The loss alone (no gradient) always uses the symmetric schedule, which needs no atomics.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ..relation import RelationSpec
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON, IMPORT_ERROR = True, None
+except Exception as exc:  # pragma: no cover - depends on the machine
+    HAS_TRITON, IMPORT_ERROR = False, repr(exc)
+
+RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _accumulate_gram(acc, X, rows, cols, row_ok, col_ok, dim, stride_n,
+                         NEGATE: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """acc += (or -=) X[rows] @ X[cols]^T, streamed over the feature dim."""
+        for k0 in range(0, dim, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < dim
+            a = tl.load(X + rows[:, None] * stride_n + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(X + cols[:, None] * stride_n + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if NEGATE:
+                b = -b
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _accumulate_grad(p, X, G, rows, cols, row_ok, col_ok, dim, x_stride_n, g_stride_n, off_diagonal,
+                         SYMMETRIC: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """G[rows] += p @ X[cols]; in the symmetric schedule also G[cols] += p^T @ X[rows]."""
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < dim
+            x_cols = tl.load(X + cols[:, None] * x_stride_n + d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+            if UPCAST:
+                x_cols = x_cols.to(tl.float32)
+            contrib = tl.dot(p, x_cols, input_precision=PRECISION)
+            g_rows = G + rows[:, None] * g_stride_n + d[None, :]
+            rows_mask = row_ok[:, None] & d_ok[None, :]
+            if SYMMETRIC:
+                tl.atomic_add(g_rows, contrib, mask=rows_mask)
+                if off_diagonal:
+                    x_rows = tl.load(X + rows[:, None] * x_stride_n + d[None, :], mask=rows_mask, other=0.0)
+                    if UPCAST:
+                        x_rows = x_rows.to(tl.float32)
+                    contrib_t = tl.dot(tl.trans(p), x_rows, input_precision=PRECISION)
+                    tl.atomic_add(G + cols[:, None] * g_stride_n + d[None, :], contrib_t,
+                                  mask=col_ok[:, None] & d_ok[None, :])
+            else:
+                tl.store(g_rows, tl.load(g_rows, mask=rows_mask, other=0.0) + contrib, mask=rows_mask)
+
+    @triton.jit
+    def _trd_kernel(S, T, GS, GT, PARTIAL,
+                    N, DS, DT, TPF, margin,
+                    s_stride_b, s_stride_n, t_stride_b, t_stride_n,
+                    gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
+                    RELATION: tl.constexpr, SYMMETRIC: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        batch = tl.program_id(1).to(tl.int64)
+        row0 = pid_m * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        S_b = S + batch * s_stride_b
+        T_b = T + batch * t_stride_b
+
+        # Column range: J >= I in the symmetric schedule; spatial keeps only the frames the rows touch.
+        col_start = 0
+        col_end = N
+        if SYMMETRIC:
+            col_start = row0
+        if RELATION == 1:
+            last_row = tl.minimum(row0 + BLOCK_M, N) - 1
+            col_end = (last_row // TPF + 1) * TPF
+            if not SYMMETRIC:
+                col_start = (row0 // TPF) * TPF
+        if RELATION != 0:
+            row_frame = rows // TPF
+
+        row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(col_start, col_end, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < col_end
+            cols64 = cols.to(tl.int64)
+            gap = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            gap = _accumulate_gram(gap, S_b, rows64, cols64, row_ok, col_ok, DS, s_stride_n,
+                                   False, BLOCK_K, UPCAST, PRECISION)
+            gap = _accumulate_gram(gap, T_b, rows64, cols64, row_ok, col_ok, DT, t_stride_n,
+                                   True, BLOCK_K, UPCAST, PRECISION)
+            keep = row_ok[:, None] & col_ok[None, :]
+            if RELATION == 1:
+                keep = keep & (row_frame[:, None] == (cols // TPF)[None, :])
+            if RELATION == 2:
+                keep = keep & (row_frame[:, None] != (cols // TPF)[None, :])
+            elem = tl.maximum(tl.abs(gap) - margin, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            elem = tl.where(keep, elem, 0.0)
+            tile_sum = tl.sum(elem, axis=1)
+            if SYMMETRIC:
+                if c0 != row0:
+                    tile_sum = tile_sum * 2.0
+            row_sums += tile_sum
+            if GRAD_S or GRAD_T:
+                # dL/dD: +1, -1 or 0; "+ gap * 0" carries NaN/Inf into the gradient.
+                p = (gap > margin).to(tl.float32) - (gap < -margin).to(tl.float32) + gap * 0.0
+                p = tl.where(keep, p, 0.0)
+                if not UPCAST:
+                    p = p.to(S.dtype.element_ty)
+                off_diagonal = c0 != row0
+                if GRAD_S:
+                    _accumulate_grad(p, S_b, GS + batch * gs_stride_b, rows64, cols64, row_ok, col_ok, DS,
+                                     s_stride_n, gs_stride_n, off_diagonal, SYMMETRIC, BLOCK_D, UPCAST, PRECISION)
+                if GRAD_T:
+                    _accumulate_grad(p, T_b, GT + batch * gt_stride_b, rows64, cols64, row_ok, col_ok, DT,
+                                     t_stride_n, gt_stride_n, off_diagonal, SYMMETRIC, BLOCK_D, UPCAST, PRECISION)
+        tl.store(PARTIAL + batch * tl.num_programs(0) + pid_m, tl.sum(row_sums, axis=0))
+
+
+def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes and launch options. Pinned (not autotuned) so tests and runs are reproducible."""
+    if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def pair_sums(
+    s_hat: torch.Tensor,
+    t_hat: torch.Tensor,
+    spec: RelationSpec,
+    need_s: bool,
+    need_t: bool,
+    deterministic: bool = False,
+    config: Optional[dict] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if not HAS_TRITON:
+        raise RuntimeError(f"backend='triton' is unavailable: triton is not installed ({IMPORT_ERROR})")
+    s = s_hat.contiguous()
+    t = t_hat.contiguous()
+    batch, n, ds = s.shape
+    dt = t.shape[-1]
+    cfg = dict(config or kernel_config(s.dtype, s.device))
+    symmetric = not (need_s or need_t) or not deterministic
+    if symmetric and cfg["BLOCK_M"] != cfg["BLOCK_N"]:
+        raise ValueError(f"the symmetric schedule needs BLOCK_M == BLOCK_N, got {cfg}")
+    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    partial = torch.empty(batch, row_blocks, dtype=torch.float32, device=s.device)
+    g_s = torch.zeros(batch, n, ds, dtype=torch.float32, device=s.device) if need_s else partial
+    g_t = torch.zeros(batch, n, dt, dtype=torch.float32, device=s.device) if need_t else partial
+    # bf16 tl.dot is wrong under the CPU interpreter; fp32 operands are exact there.
+    upcast = interpreting() and s.dtype == torch.bfloat16
+    _trd_kernel[(row_blocks, batch)](
+        s, t, g_s, g_t, partial,
+        n, ds, dt, spec.tokens_per_frame or 1, spec.margin,
+        s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+        g_s.stride(0) if need_s else 0, g_s.stride(1) if need_s else 0,
+        g_t.stride(0) if need_t else 0, g_t.stride(1) if need_t else 0,
+        RELATION=RELATION_CODES[spec.relation], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
+        UPCAST=upcast, PRECISION=_dot_precision(s.dtype), **cfg,
+    )
+    sums = partial.to(torch.float64).sum(dim=1).to(torch.float32)
+    return sums, (g_s.mul_(2.0) if need_s else None), (g_t.mul_(-2.0) if need_t else None)
