@@ -28,13 +28,20 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     return f"device {device} is not supported by triton"
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, spec=None) -> str:
     """Map ``backend`` (possibly "auto") to a concrete, usable backend, or raise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from .backends import cuda
+
     if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and triton_unavailable_reason(device) is None:
-            return "triton"
+        if device.type == "cuda" and dtype != torch.float64:
+            cuda_ok = cuda.unavailable_reason(device) is None
+            triton_ok = triton_unavailable_reason(device) is None
+            if cuda_ok and (not triton_ok or cuda.preferred(spec, dtype)):
+                return "cuda"
+            if triton_ok:
+                return "triton"
         return "torch"
     if backend == "triton":
         reason = triton_unavailable_reason(device)
@@ -44,9 +51,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise TypeError("backend='triton' takes float16, bfloat16 or float32 inputs, got torch.float64; "
                             "use backend='torch' for float64")
     if backend == "cuda":
-        from .backends import cuda
-
-        cuda.pair_sums()  # raises with the reason while the extension is absent
+        reason = cuda.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
     return backend
 
 
@@ -83,7 +90,7 @@ def trd_loss(
         deterministic: forbid atomics so that repeated runs are bitwise identical.
     """
     s, t, spec = canonicalize(student, teacher, margin, relation, num_frames, reduction)
-    name = resolve_backend(backend, s.device, s.dtype)
+    name = resolve_backend(backend, s.device, s.dtype, spec)
     if name == "reference":
         return reference_loss(s, t, spec)
     grad_on = torch.is_grad_enabled()
