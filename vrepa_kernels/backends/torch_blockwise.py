@@ -76,7 +76,9 @@ def pair_sums(
         sums += shrunk[:, :, :width].abs().sum(dim=(1, 2)) + 2 * shrunk[:, :, width:].abs().sum(dim=(1, 2))
         if not (need_s or need_t):
             continue
-        sign = shrunk.sign_().to(gemm_dtype)  # dL/dD; exact in any float dtype
+        # dL/dD = sign(shrunk) in {-1, 0, +1}; scaling by the dtype's max then clamping keeps NaN as NaN,
+        # where torch.sign(nan) would give 0 and hide it from the gradient.
+        sign = shrunk.mul_(torch.finfo(acc).max).clamp_(-1.0, 1.0).to(gemm_dtype)
         for g, feats in ((g_s, s), (g_t, t)):
             if g is None:
                 continue
