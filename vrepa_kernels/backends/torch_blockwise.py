@@ -1,7 +1,7 @@
 """Blockwise PyTorch backend: runs on any device and holds one strip of the relation at a time.
 
 For each strip of rows ``I`` it forms ``D = [s|t]_I [s|-t]_C^T = Gs - Gt`` for the columns ``C >= I``
-only (the relation is symmetric), soft-thresholds it, and folds the strip into the loss and into the
+only (the relation is symmetric), soft-shrinks it by the margin, and folds the strip into the loss and into the
 gradient ``2 P s`` through both ``P_IC s_C`` and ``P_IC^T s_I``.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..function import accumulation_dtype
 from ..relation import RelationSpec
@@ -40,6 +41,18 @@ def _keep_mask(spec: RelationSpec, r0: int, r1: int, c1: int, device) -> Optiona
     return same if spec.relation == "spatial" else ~same
 
 
+def l1(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of |x| over the last two dims, without an |x| temporary."""
+    return torch.linalg.vector_norm(x, 1, dim=(1, 2))
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype == out.dtype:
+        out.baddbmm_(a, b)
+    else:  # low-precision GEMM on GPU, fp32 accumulator
+        out += torch.bmm(a, b).to(out.dtype)
+
+
 def pair_sums(
     s_hat: torch.Tensor,
     t_hat: torch.Tensor,
@@ -68,23 +81,28 @@ def pair_sums(
         r1 = min(n, r0 + rows)
         c1 = _column_end(spec, r1)
         diff = torch.bmm(left[:, r0:r1], right[:, r0:c1].transpose(1, 2)).to(acc)  # Gs - Gt, [B, R, C]
-        shrunk = diff - diff.clamp(-margin, margin)  # sign(D) * max(|D| - m, 0); NaN stays NaN
+        shrunk = F.softshrink(diff, margin)  # sign(D) * max(|D| - m, 0)
+        del diff
         keep = _keep_mask(spec, r0, r1, c1, s.device)
         if keep is not None:
             shrunk = shrunk.masked_fill_(~keep, 0.0)
         width = r1 - r0  # the diagonal block counts once, the blocks right of it twice (symmetry)
-        sums += shrunk[:, :, :width].abs().sum(dim=(1, 2)) + 2 * shrunk[:, :, width:].abs().sum(dim=(1, 2))
+        sums += l1(shrunk[:, :, :width]) + 2 * l1(shrunk[:, :, width:])
         if not (need_s or need_t):
             continue
-        # dL/dD = sign(shrunk) in {-1, 0, +1}; scaling by the dtype's max then clamping keeps NaN as NaN,
-        # where torch.sign(nan) would give 0 and hide it from the gradient.
-        sign = shrunk.mul_(torch.finfo(acc).max).clamp_(-1.0, 1.0).to(gemm_dtype)
+        sign = shrunk.sign_().to(gemm_dtype)  # dL/dD in {-1, 0, +1}; NaN is restored below
         for g, feats in ((g_s, s), (g_t, t)):
             if g is None:
                 continue
-            g[:, r0:r1] += torch.bmm(sign, feats[:, r0:c1]).to(acc)
+            _add_product(g[:, r0:r1], sign, feats[:, r0:c1])
             if c1 > r1:
-                g[:, r1:c1] += torch.bmm(sign[:, :, width:].transpose(1, 2), feats[:, r0:r1]).to(acc)
+                _add_product(g[:, r1:c1], sign[:, :, width:].transpose(1, 2), feats[:, r0:r1])
+    # torch.sign(nan) is 0. A sample whose sum is not finite had a NaN among its kept pairs: its
+    # gradient is poisoned whole, so that NaN is never hidden.
+    poisoned = ~torch.isfinite(sums)[:, None, None]
+    for g in (g_s, g_t):
+        if g is not None:
+            g.masked_fill_(poisoned, float("nan"))
     if g_s is not None:
         g_s.mul_(2.0)
     if g_t is not None:
