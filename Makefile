@@ -23,6 +23,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) benchmarks/run.py --quick --out benchmarks/results/_scratch/demo
 
+# Nightly-style property run: thousands of random cases per backend.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

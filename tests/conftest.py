@@ -58,7 +58,7 @@ def max_err(a, b):
 def assert_matches_reference(backend, student, teacher, tol=None, deterministic=False, **kwargs):
     """Backend vs the float64 reference on the same inputs.
 
-    fp32/fp64: max error within ``tol`` of the largest reference value. bf16/fp16: flash-attention's rule,
+    fp32/fp64: max error within ``tol`` of the largest reference value (at least 1e-2). bf16/fp16: flash-attention's rule,
     error vs float64 at most twice that of the naive PyTorch run in the same precision.
     """
     got_loss, got_grads = loss_and_grads(trd_loss, student, teacher, backend=backend,
@@ -76,5 +76,5 @@ def assert_matches_reference(backend, student, teacher, tol=None, deterministic=
         return
     tol = tol or (1e-10 if student.dtype == torch.float64 else 2e-5)
     for got, exact in zip([got_loss, *got_grads], [exact_loss, *exact_grads]):
-        scale = max(exact.abs().max().item(), 1e-30)
+        scale = max(exact.abs().max().item(), 1e-2)  # floor: an exact 0 still allows rounding noise
         assert max_err(got, exact) <= tol * scale, (max_err(got, exact), scale)

@@ -56,3 +56,44 @@ def test_matches_videorepa_formula_for_full_relation():
     sn, tn = torch.nn.functional.normalize(s, dim=-1), torch.nn.functional.normalize(t, dim=-1)
     naive = torch.relu((sn @ sn.transpose(1, 2) - tn @ tn.transpose(1, 2)).abs() - 0.1).mean()
     torch.testing.assert_close(trd_loss(s, t), naive)
+
+
+@pytest.mark.parametrize("relation", ["full", "spatial"])
+def test_autocast_equals_explicit_bfloat16(relation):
+    s, t = make_pair((2, 30, 16), 12, grad_teacher=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = trd_loss(s, t, relation=relation, num_frames=3)
+    amp.backward()
+    explicit = trd_loss(s.detach().bfloat16(), t.detach().bfloat16(), relation=relation, num_frames=3)
+    assert torch.equal(amp, explicit)
+    assert s.grad.dtype == torch.float32 and t.grad.dtype == torch.float32
+
+
+def test_check_finite_raises_naming_the_argument():
+    s, t = make_pair((1, 10, 4), 4)
+    with torch.no_grad():
+        t[0, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="teacher"):
+        trd_loss(s, t, check_finite=True)
+    assert torch.isinf(trd_loss_reference(s, t)) or torch.isnan(trd_loss_reference(s, t))
+    assert not torch.isfinite(trd_loss(s, t))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_use_deterministic_algorithms_is_bitwise_repeatable(backend):
+    from conftest import cpu_backends
+
+    if backend not in cpu_backends():
+        pytest.skip(f"{backend} is not usable on CPU here")
+    s, t = make_pair((2, 40, 16), 16, grad_teacher=True)
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            s.grad = t.grad = None
+            loss = trd_loss(s, t, backend=backend)
+            loss.backward()
+            runs.append((loss.detach(), s.grad.clone(), t.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

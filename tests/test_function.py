@@ -3,7 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vrepa_kernels.function import NORMALIZE_EPS, normalize_backward, normalize_rows
+from vrepa_kernels import trd_loss
+from vrepa_kernels.function import NORMALIZE_EPS, normalize_backward, normalize_rows, trd_loss_forward
+
+from conftest import cpu_backends
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-11, 1e-12, 1e-13, 0.0])
@@ -25,3 +28,48 @@ def test_low_precision_normalisation_is_done_in_fp32():
     x_hat, x_hat_acc, _ = normalize_rows(x)
     assert x_hat.dtype == torch.bfloat16 and x_hat_acc.dtype == torch.float32
     torch.testing.assert_close(x_hat_acc, F.normalize(x.float(), dim=-1))
+
+
+class _Head(torch.nn.Module):
+    """A module that calls trd_loss, as a trainer would."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 16)
+        self.backend = backend
+
+    def forward(self, student, teacher):
+        return trd_loss(self.proj(student), teacher, relation="temporal", num_frames=4, backend=self.backend)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_torch_compile_fullgraph_matches_eager(compiler, backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 24, 12, generator=gen), torch.randn(2, 24, 10, generator=gen)
+    head = _Head(backend)
+    eager = head(student, teacher)
+    eager.backward()
+    eager_grad = head.proj.weight.grad.clone()
+    head.zero_grad()
+    compiled = torch.compile(head, fullgraph=True, backend=compiler)(student, teacher)  # raises on a graph break
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(head.proj.weight.grad, eager_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_custom_op_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        s, t = torch.empty(3, 10, 6), torch.empty(3, 10, 4, dtype=torch.float32)
+        loss, g_s, g_t = trd_loss_forward(s, t, 0.1, "spatial", 5, "none", False, "torch", True, False, False)
+    assert loss.shape == (3,) and g_s.shape == (3, 10, 6) and g_t.numel() == 0
+
+
+def test_custom_op_passes_opcheck():
+    s = torch.randn(2, 10, 6, requires_grad=True)
+    t = torch.randn(2, 10, 4)
+    torch.library.opcheck(trd_loss_forward, (s, t, 0.1, "full", 0, "mean", False, "torch", True, False, False),
+                          test_utils=("test_schema", "test_faketensor"))

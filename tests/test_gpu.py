@@ -42,3 +42,56 @@ def test_deterministic_triton_is_bitwise_repeatable_on_gpu():
         loss.backward()
         runs.append((loss.detach().clone(), s.grad.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_720p_grid_runs_and_matches_closed_form():
+    # N = 21 * 45 * 80 = 75,600 (B * N^2 > 2^31): one-dimensional features give a closed-form loss
+    # (see test_torch_blockwise.py), and a D = 768 training pass completes without an N x N tensor.
+    n, margin = 75_600, 0.25
+    s = torch.randn(1, n, 1, device="cuda")
+    t = torch.randn(1, n, 1, device="cuda")
+    c = torch.sign(s) * torch.sign(t)
+    differ = 2 * (c > 0).sum().double() * (c < 0).sum().double()
+    for backend in GPU_BACKENDS:
+        got = trd_loss(s.float(), t.float(), margin=margin, reduction="sum", backend=backend)
+        torch.testing.assert_close(got.double(), differ * (2 - margin), rtol=1e-5, atol=0)
+    s, t = make_pair((1, n, 768), 768, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    loss = trd_loss(s, t, backend="triton")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert torch.cuda.max_memory_allocated() < 8 * 2**30  # one N x N fp32 matrix alone is 21 GiB
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture(backend):
+    s, t = make_pair((2, 1024, 256), 256, dtype=torch.bfloat16, device="cuda")
+    s_static = s.detach().clone().requires_grad_(True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
+        trd_loss(s_static, t, backend=backend).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    s_static.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = trd_loss(s_static, t, backend=backend, deterministic=True)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = trd_loss(s.detach(), t, backend=backend, deterministic=True)
+    torch.testing.assert_close(loss, eager)
+
+
+def test_autocast_cuda_equals_explicit_bfloat16():
+    s, t = make_pair((2, 600, 128), 96, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = trd_loss(s, t, relation="spatial", num_frames=4)
+    explicit = trd_loss(s.bfloat16(), t.bfloat16(), relation="spatial", num_frames=4)
+    assert torch.equal(amp, explicit)
+
+
+def test_torch_compile_fullgraph_on_gpu():
+    s, t = make_pair((2, 900, 128), 64, dtype=torch.bfloat16, device="cuda")
+    fn = torch.compile(lambda a, b: trd_loss(a, b, relation="temporal", num_frames=9), fullgraph=True)
+    torch.testing.assert_close(fn(s, t), trd_loss(s, t, relation="temporal", num_frames=9))

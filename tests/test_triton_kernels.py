@@ -4,7 +4,7 @@ import torch
 
 from vrepa_kernels import trd_loss
 from vrepa_kernels.backends import triton_kernels
-from vrepa_kernels.function import normalize_rows
+from vrepa_kernels.function import Features
 from vrepa_kernels.relation import canonicalize
 
 from conftest import HAS_CUDA, assert_matches_reference, cpu_backends, make_pair
@@ -16,8 +16,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def raw_sums(s, t, need_s=True, deterministic=False, config=None, relation="full", frames=None):
     s3, t3, spec = canonicalize(s, t, relation=relation, num_frames=frames)
-    return triton_kernels.pair_sums(normalize_rows(s3)[0], normalize_rows(t3)[0], spec, need_s, False,
-                                    deterministic, config)
+    return triton_kernels.pair_sums(Features.of(s3), Features.of(t3), spec, need_s, False, deterministic, config)
 
 
 @pytest.mark.parametrize("relation, frames", [("full", None), ("spatial", 4), ("temporal", 4)])

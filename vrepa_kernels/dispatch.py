@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .function import TRDFunction
+from .function import blockwise_trd_loss
 from .reference import reference_loss
 from .relation import canonicalize
 
@@ -57,14 +57,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, spec
     return backend
 
 
-def _pair_kernel(backend: str):
-    if backend == "torch":
-        from .backends.torch_blockwise import pair_sums
-    elif backend == "triton":
-        from .backends.triton_kernels import pair_sums
-    else:
-        from .backends.cuda import pair_sums
-    return pair_sums
+def _autocast_inputs(student: torch.Tensor, teacher: torch.Tensor):
+    device_type = student.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return student, teacher
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.dtype == torch.float32 else x for x in (student, teacher))
 
 
 def trd_loss(
@@ -76,6 +74,7 @@ def trd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     deterministic: bool = False,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Token Relation Distillation loss (VideoREPA, arXiv 2505.23656), computed blockwise.
 
@@ -88,8 +87,18 @@ def trd_loss(
         reduction: ``"mean"`` over kept pairs, ``"sum"``, or ``"none"`` (per-sample mean).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         deterministic: forbid atomics so that repeated runs are bitwise identical.
+        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync) instead of
+            returning a NaN/Inf loss.
+
+    Under ``torch.autocast`` fp32 inputs are cast to the autocast dtype first, so the result equals
+    that of explicit low-precision inputs; gradients still come back in the inputs' own dtype.
     """
     s, t, spec = canonicalize(student, teacher, margin, relation, num_frames, reduction)
+    s, t = _autocast_inputs(s, t)
+    if check_finite:
+        for arg, x in (("student", s), ("teacher", t)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{arg} holds NaN or Inf values (check_finite=True)")
     name = resolve_backend(backend, s.device, s.dtype, spec)
     if name == "reference":
         return reference_loss(s, t, spec)
@@ -97,14 +106,15 @@ def trd_loss(
     need_s = grad_on and s.requires_grad
     need_t = grad_on and t.requires_grad
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return TRDFunction.apply(s, t, spec, _pair_kernel(name), need_s, need_t, deterministic)
+    return blockwise_trd_loss(s, t, spec, name, need_s, need_t, deterministic)
 
 
 class TRDLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`trd_loss` with the same arguments."""
 
     def __init__(self, margin: float = 0.1, relation: str = "full", num_frames: Optional[int] = None,
-                 reduction: str = "mean", backend: str = "auto", deterministic: bool = False):
+                 reduction: str = "mean", backend: str = "auto", deterministic: bool = False,
+                 check_finite: bool = False):
         super().__init__()
         # Validate the static arguments now, so a typo fails at construction.
         probe = torch.zeros(1, 2 if relation == "temporal" else 1, 1, 1)
@@ -113,10 +123,11 @@ class TRDLoss(torch.nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.margin, self.relation, self.num_frames = margin, relation, num_frames
         self.reduction, self.backend, self.deterministic = reduction, backend, deterministic
+        self.check_finite = check_finite
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return trd_loss(student, teacher, self.margin, self.relation, self.num_frames, self.reduction,
-                        self.backend, self.deterministic)
+                        self.backend, self.deterministic, self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, relation={self.relation!r}, num_frames={self.num_frames}, "

@@ -7,7 +7,8 @@ gradient is computed inside the forward, as Liger-Kernel's fused losses do).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,21 +16,42 @@ from .relation import RelationSpec
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
-# backend kernel: (s_hat, t_hat, spec, need_grad_s, need_grad_t, deterministic)
-#   -> (per-sample sums [B], dsum/ds_hat or None, dsum/dt_hat or None); gradients in fp32 (fp64 for fp64)
-PairKernel = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
-
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass
+class Features:
+    """Features as given plus their row norms: what every backend receives.
+
+    Fused kernels multiply raw-input dot products by ``inv_norm`` in fp32, which is more accurate than
+    rounding normalised features to bf16 first; other backends take :meth:`unit`.
+    """
+
+    values: torch.Tensor  # [B, N, D], the input dtype
+    norm: torch.Tensor  # [B, N, 1], accumulation dtype
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Features":
+        return cls(x, torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=accumulation_dtype(x.dtype)))
+
+    @property
+    def inv_norm(self) -> torch.Tensor:
+        """``1 / max(norm, eps)``, ``[B, N]``: F.normalize's denominator."""
+        return 1.0 / self.norm.clamp_min(NORMALIZE_EPS).squeeze(-1)
+
+    def unit(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The normalised features, computed in the accumulation dtype, returned in ``dtype``."""
+        unit = self.values.to(self.norm.dtype) / self.norm.clamp_min(NORMALIZE_EPS)
+        return unit if dtype is None else unit.to(dtype)
+
+
 def normalize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_hat in x.dtype, x_hat in the accumulation dtype, row norms)``, as F.normalize does."""
-    x_acc = x.to(accumulation_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(x_acc, dim=-1, keepdim=True)
-    x_hat_acc = x_acc / norm.clamp_min(NORMALIZE_EPS)
-    return x_hat_acc.to(x.dtype), x_hat_acc, norm
+    feats = Features.of(x)
+    unit = feats.unit()
+    return unit.to(x.dtype), unit, feats.norm
 
 
 def normalize_backward(grad_hat: torch.Tensor, x_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -54,37 +76,71 @@ def reduce_sums(sums: torch.Tensor, spec: RelationSpec) -> Tuple[torch.Tensor, f
     return sums.sum() / (spec.pairs_per_sample * spec.batch), 1.0 / (spec.pairs_per_sample * spec.batch)
 
 
-class TRDFunction(torch.autograd.Function):
-    """Forward computes the loss and, when needed, the input gradients; backward rescales them."""
+def _loss_shape(batch: int, reduction: str, single_sample: bool):
+    return (batch,) if reduction == "none" and not single_sample else ()
 
-    @staticmethod
-    def forward(ctx, student, teacher, spec: RelationSpec, kernel: PairKernel, need_s: bool, need_t: bool,
-                deterministic: bool):
-        s_hat, s_hat_acc, s_norm = normalize_rows(student)
-        t_hat, t_hat_acc, t_norm = normalize_rows(teacher)
-        sums, g_s_hat, g_t_hat = kernel(s_hat, t_hat, spec, need_s, need_t, deterministic)
-        loss, scale = reduce_sums(sums.to(accumulation_dtype(student.dtype)), spec)
+
+# Registered as a custom op so that torch.compile sees one opaque node (no graph break) whose forward
+# returns the loss and the unscaled input gradients; the registered backward only rescales them.
+@torch.library.custom_op("vrepa_kernels::trd_loss_forward", mutates_args=())
+def trd_loss_forward(
+    student: torch.Tensor, teacher: torch.Tensor, margin: float, relation: str, tokens_per_frame: int,
+    reduction: str, single_sample: bool, backend: str, need_s: bool, need_t: bool, deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import backends
+
+    spec = RelationSpec(student.shape[0], student.shape[1], relation, tokens_per_frame, margin, reduction,
+                        single_sample)
+    acc = accumulation_dtype(student.dtype)
+    with torch.autocast(student.device.type, enabled=False):
+        feats_s, feats_t = Features.of(student), Features.of(teacher)
+        sums, g_s_hat, g_t_hat = backends.pair_kernel(backend)(feats_s, feats_t, spec, need_s, need_t, deterministic)
+        loss, scale = reduce_sums(sums.to(acc), spec)
         grads = []
-        for need, g_hat, x_hat, norm in ((need_s, g_s_hat, s_hat_acc, s_norm), (need_t, g_t_hat, t_hat_acc, t_norm)):
-            grads.append(normalize_backward(g_hat * scale, x_hat, norm) if need else None)
-        ctx.spec = spec
-        ctx.dtypes = (student.dtype, teacher.dtype)
-        ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.has = tuple(g is not None for g in grads)
-        return loss
+        for need, g_hat, feats in ((need_s, g_s_hat, feats_s), (need_t, g_t_hat, feats_t)):
+            if need:
+                grads.append(normalize_backward(g_hat * scale, feats.unit(), feats.norm))
+            else:
+                grads.append(student.new_empty(0, dtype=acc))
+    return loss, grads[0], grads[1]
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        out = []
-        for has, dtype in zip(ctx.has, ctx.dtypes):
-            if not has:
-                out.append(None)
-                continue
-            g = saved.pop(0)
-            if grad_out.dim() == 0:
-                scaled = g * grad_out.to(g.dtype)
-            else:  # reduction="none": one scale per sample
-                scaled = g * grad_out.to(g.dtype).reshape(-1, 1, 1)
-            out.append(scaled.to(dtype))
-        return out[0], out[1], None, None, None, None, None
+
+@trd_loss_forward.register_fake
+def _trd_loss_forward_fake(student, teacher, margin, relation, tokens_per_frame, reduction, single_sample, backend,
+                           need_s, need_t, deterministic):
+    acc = accumulation_dtype(student.dtype)
+    loss = student.new_empty(_loss_shape(student.shape[0], reduction, single_sample), dtype=acc)
+    g_s = student.new_empty(student.shape if need_s else (0,), dtype=acc)
+    g_t = teacher.new_empty(teacher.shape if need_t else (0,), dtype=acc)
+    return loss, g_s, g_t
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher = inputs[0], inputs[1]
+    ctx.dtypes = (student.dtype, teacher.dtype)
+    ctx.needs = (inputs[8], inputs[9])
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_g_s, _grad_g_t):
+    grads = []
+    for need, g, dtype in zip(ctx.needs, ctx.saved_tensors, ctx.dtypes):
+        if not need:
+            grads.append(None)
+            continue
+        scale = grad_loss.to(g.dtype)
+        if scale.dim() == 1:  # reduction="none": one scale per sample
+            scale = scale.reshape(-1, 1, 1)
+        grads.append((g * scale).to(dtype))
+    return (grads[0], grads[1]) + (None,) * 9
+
+
+trd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def blockwise_trd_loss(student: torch.Tensor, teacher: torch.Tensor, spec: RelationSpec, backend: str,
+                       need_s: bool, need_t: bool, deterministic: bool) -> torch.Tensor:
+    """The loss of canonical inputs through the custom op; gradients flow where ``need_*`` is set."""
+    loss, _, _ = trd_loss_forward(student, teacher, spec.margin, spec.relation, spec.tokens_per_frame,
+                                  spec.reduction, spec.single_sample, backend, need_s, need_t, deterministic)
+    return loss

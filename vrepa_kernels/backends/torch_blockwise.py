@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..function import accumulation_dtype
+from ..function import Features
 from ..relation import RelationSpec
 
 # Elements of one strip (B x rows x columns); 4M fp32 elements = 16 MiB.
@@ -54,26 +54,26 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def pair_sums(
-    s_hat: torch.Tensor,
-    t_hat: torch.Tensor,
+    student: Features,
+    teacher: Features,
     spec: RelationSpec,
     need_s: bool,
     need_t: bool,
     deterministic: bool = False,  # always deterministic: no atomics
     block_rows: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    acc = accumulation_dtype(s_hat.dtype)
-    # CPU BLAS is fastest (and exact enough) in fp32; on GPU keep the tensor-core dtype for the GEMMs.
-    gemm_dtype = acc if s_hat.device.type == "cpu" else s_hat.dtype
-    s = s_hat.to(gemm_dtype)
-    t = t_hat.to(gemm_dtype)
+    acc = student.norm.dtype
+    # CPU BLAS is fastest (and exact) in fp32; on GPU keep the tensor-core dtype, as naive PyTorch does.
+    gemm_dtype = acc if student.values.device.type == "cpu" else student.values.dtype
+    s = student.unit(gemm_dtype)
+    t = teacher.unit(gemm_dtype)
     left = torch.cat([s, t], dim=-1)
     right = torch.cat([s, -t], dim=-1)
     batch, n, ds = s.shape
     rows = block_rows or strip_rows(batch, n)
     margin = spec.margin
 
-    sums = torch.zeros(batch, dtype=acc, device=s.device)
+    sums = torch.zeros(batch, dtype=torch.float64, device=s.device)  # across strips: no drift at huge N
     g_s = torch.zeros(batch, n, ds, dtype=acc, device=s.device) if need_s else None
     g_t = torch.zeros(batch, n, t.shape[-1], dtype=acc, device=s.device) if need_t else None
 
@@ -107,4 +107,4 @@ def pair_sums(
         g_s.mul_(2.0)
     if g_t is not None:
         g_t.mul_(-2.0)
-    return sums, g_s, g_t
+    return sums.to(acc), g_s, g_t

@@ -2,7 +2,9 @@
 
 One program owns a block of rows ``I`` of one sample and streams column tiles ``J``:
 
-* ``D_IJ = s_I s_J^T - t_I t_J^T`` is accumulated in fp32 registers by ``tl.dot`` over feature chunks;
+* ``D_IJ = s_I s_J^T - t_I t_J^T`` is accumulated in fp32 registers by ``tl.dot`` over feature chunks of
+  the raw inputs, then scaled by the inverse row norms in fp32 (normalisation fused, no bf16 rounding of
+  the unit vectors);
 * the margin clip, the relation mask and the row sums happen in registers;
 * when a gradient is needed, ``P_IJ = dL/dD_IJ`` (exactly -1, 0 or +1, so exact in bf16/fp16) is
   multiplied into the gradient rows chunk by chunk of the feature dim.
@@ -22,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..function import Features
 from ..relation import RelationSpec
 
 try:
@@ -42,10 +45,11 @@ def interpreting() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _accumulate_gram(acc, X, rows, cols, row_ok, col_ok, dim, stride_n,
-                         NEGATE: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        """acc += (or -=) X[rows] @ X[cols]^T, streamed over the feature dim."""
+    def _raw_gram(X, rows, cols, row_ok, col_ok, dim, stride_n,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):
+        """X[rows] @ X[cols]^T of the raw inputs, fp32 accumulation, streamed over the feature dim."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < dim
@@ -54,32 +58,34 @@ if HAS_TRITON:
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            if NEGATE:
-                b = -b
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         return acc
 
     @triton.jit
-    def _accumulate_grad(p, X, G, rows, cols, row_ok, col_ok, dim, x_stride_n, g_stride_n, off_diagonal,
-                         SYMMETRIC: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    def _load_unit(X, inv_norm, idx, idx_ok, d, d_ok, stride_n, UPCAST: tl.constexpr):
+        """Normalised rows ``X[idx] * inv_norm`` in the dot dtype (fp32 scaling, one rounding)."""
+        x = tl.load(X + idx[:, None] * stride_n + d[None, :], mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+        unit = x.to(tl.float32) * inv_norm[:, None]
+        if not UPCAST:
+            unit = unit.to(X.dtype.element_ty)
+        return unit
+
+    @triton.jit
+    def _accumulate_grad(p, X, inv_rows, inv_cols, G, rows, cols, row_ok, col_ok, dim, x_stride_n, g_stride_n,
+                         off_diagonal, SYMMETRIC: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr):
-        """G[rows] += p @ X[cols]; in the symmetric schedule also G[cols] += p^T @ X[rows]."""
+        """G[rows] += p @ X_hat[cols]; in the symmetric schedule also G[cols] += p^T @ X_hat[rows]."""
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < dim
-            x_cols = tl.load(X + cols[:, None] * x_stride_n + d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                             other=0.0)
-            if UPCAST:
-                x_cols = x_cols.to(tl.float32)
-            contrib = tl.dot(p, x_cols, input_precision=PRECISION)
+            contrib = tl.dot(p, _load_unit(X, inv_cols, cols, col_ok, d, d_ok, x_stride_n, UPCAST),
+                             input_precision=PRECISION)
             g_rows = G + rows[:, None] * g_stride_n + d[None, :]
             rows_mask = row_ok[:, None] & d_ok[None, :]
             if SYMMETRIC:
                 tl.atomic_add(g_rows, contrib, mask=rows_mask)
                 if off_diagonal:
-                    x_rows = tl.load(X + rows[:, None] * x_stride_n + d[None, :], mask=rows_mask, other=0.0)
-                    if UPCAST:
-                        x_rows = x_rows.to(tl.float32)
+                    x_rows = _load_unit(X, inv_rows, rows, row_ok, d, d_ok, x_stride_n, UPCAST)
                     contrib_t = tl.dot(tl.trans(p), x_rows, input_precision=PRECISION)
                     tl.atomic_add(G + cols[:, None] * g_stride_n + d[None, :], contrib_t,
                                   mask=col_ok[:, None] & d_ok[None, :])
@@ -87,7 +93,7 @@ if HAS_TRITON:
                 tl.store(g_rows, tl.load(g_rows, mask=rows_mask, other=0.0) + contrib, mask=rows_mask)
 
     @triton.jit
-    def _trd_kernel(S, T, GS, GT, PARTIAL,
+    def _trd_kernel(S, T, S_INV, T_INV, GS, GT, PARTIAL,
                     N, DS, DT, TPF, margin,
                     s_stride_b, s_stride_n, t_stride_b, t_stride_n,
                     gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
@@ -102,6 +108,10 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         S_b = S + batch * s_stride_b
         T_b = T + batch * t_stride_b
+        S_INV_b = S_INV + batch * N
+        T_INV_b = T_INV + batch * N
+        s_inv_rows = tl.load(S_INV_b + rows64, mask=row_ok, other=0.0)
+        t_inv_rows = tl.load(T_INV_b + rows64, mask=row_ok, other=0.0)
 
         # Column range: J >= I in the symmetric schedule; spatial keeps only the frames the rows touch.
         col_start = 0
@@ -121,11 +131,15 @@ if HAS_TRITON:
             cols = c0 + tl.arange(0, BLOCK_N)
             col_ok = cols < col_end
             cols64 = cols.to(tl.int64)
-            gap = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            gap = _accumulate_gram(gap, S_b, rows64, cols64, row_ok, col_ok, DS, s_stride_n,
-                                   False, BLOCK_K, UPCAST, PRECISION)
-            gap = _accumulate_gram(gap, T_b, rows64, cols64, row_ok, col_ok, DT, t_stride_n,
-                                   True, BLOCK_K, UPCAST, PRECISION)
+            s_inv_cols = tl.load(S_INV_b + cols64, mask=col_ok, other=0.0)
+            t_inv_cols = tl.load(T_INV_b + cols64, mask=col_ok, other=0.0)
+            # D = Gs - Gt from raw-input dot products scaled by the inverse norms in fp32.
+            gram_s = _raw_gram(S_b, rows64, cols64, row_ok, col_ok, DS, s_stride_n,
+                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+            gap = gram_s * (s_inv_rows[:, None] * s_inv_cols[None, :])
+            gram_t = _raw_gram(T_b, rows64, cols64, row_ok, col_ok, DT, t_stride_n,
+                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+            gap = gap - gram_t * (t_inv_rows[:, None] * t_inv_cols[None, :])
             keep = row_ok[:, None] & col_ok[None, :]
             if RELATION == 1:
                 keep = keep & (row_frame[:, None] == (cols // TPF)[None, :])
@@ -146,11 +160,13 @@ if HAS_TRITON:
                     p = p.to(S.dtype.element_ty)
                 off_diagonal = c0 != row0
                 if GRAD_S:
-                    _accumulate_grad(p, S_b, GS + batch * gs_stride_b, rows64, cols64, row_ok, col_ok, DS,
-                                     s_stride_n, gs_stride_n, off_diagonal, SYMMETRIC, BLOCK_D, UPCAST, PRECISION)
+                    _accumulate_grad(p, S_b, s_inv_rows, s_inv_cols, GS + batch * gs_stride_b, rows64, cols64,
+                                     row_ok, col_ok, DS, s_stride_n, gs_stride_n, off_diagonal, SYMMETRIC,
+                                     BLOCK_D, UPCAST, PRECISION)
                 if GRAD_T:
-                    _accumulate_grad(p, T_b, GT + batch * gt_stride_b, rows64, cols64, row_ok, col_ok, DT,
-                                     t_stride_n, gt_stride_n, off_diagonal, SYMMETRIC, BLOCK_D, UPCAST, PRECISION)
+                    _accumulate_grad(p, T_b, t_inv_rows, t_inv_cols, GT + batch * gt_stride_b, rows64, cols64,
+                                     row_ok, col_ok, DT, t_stride_n, gt_stride_n, off_diagonal, SYMMETRIC,
+                                     BLOCK_D, UPCAST, PRECISION)
         tl.store(PARTIAL + batch * tl.num_programs(0) + pid_m, tl.sum(row_sums, axis=0))
 
 
@@ -170,8 +186,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def pair_sums(
-    s_hat: torch.Tensor,
-    t_hat: torch.Tensor,
+    student: Features,
+    teacher: Features,
     spec: RelationSpec,
     need_s: bool,
     need_t: bool,
@@ -180,8 +196,10 @@ def pair_sums(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     if not HAS_TRITON:
         raise RuntimeError(f"backend='triton' is unavailable: triton is not installed ({IMPORT_ERROR})")
-    s = s_hat.contiguous()
-    t = t_hat.contiguous()
+    s = student.values.contiguous()
+    t = teacher.values.contiguous()
+    s_inv = student.inv_norm.float().contiguous()
+    t_inv = teacher.inv_norm.float().contiguous()
     batch, n, ds = s.shape
     dt = t.shape[-1]
     cfg = dict(config or kernel_config(s.dtype, s.device))
@@ -195,7 +213,7 @@ def pair_sums(
     # bf16 tl.dot is wrong under the CPU interpreter; fp32 operands are exact there.
     upcast = interpreting() and s.dtype == torch.bfloat16
     _trd_kernel[(row_blocks, batch)](
-        s, t, g_s, g_t, partial,
+        s, t, s_inv, t_inv, g_s, g_t, partial,
         n, ds, dt, spec.tokens_per_frame or 1, spec.margin,
         s.stride(0), s.stride(1), t.stride(0), t.stride(1),
         g_s.stride(0) if need_s else 0, g_s.stride(1) if need_s else 0,

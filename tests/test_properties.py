@@ -1,0 +1,58 @@
+"""Property-based tests: random shapes, frames, relations, margins, dtypes and strides against the reference.
+
+CI runs the "ci" profile (300 examples per backend); `make fuzz` runs the "fuzz" profile.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_matches_reference, cpu_backends
+
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@st.composite
+def trd_cases(draw, max_tokens):
+    frames = draw(st.integers(1, 5))
+    per_frame = draw(st.integers(1, max(1, max_tokens // frames)))
+    n = frames * per_frame
+    relation = draw(st.sampled_from(["full", "spatial", "temporal"] if frames > 1 else ["full", "spatial"]))
+    case = dict(
+        batch=draw(st.integers(1, 3)), n=n, ds=draw(st.integers(1, 40)), dt=draw(st.integers(1, 40)),
+        frames=frames, relation=relation, margin=draw(st.sampled_from([0.0, 0.01, 0.1, 0.5])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])), strided=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    return case
+
+
+def run_case(backend, case):
+    if backend == "triton" and case["dtype"] == torch.float64:
+        case = dict(case, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(case["seed"])
+    width = 2 if case["strided"] else 1
+    s = torch.randn(case["batch"], case["n"], case["ds"] * width, generator=gen, dtype=torch.float64)
+    t = torch.randn(case["batch"], case["n"], case["dt"], generator=gen, dtype=torch.float64)
+    s = s[..., ::width].to(case["dtype"]).requires_grad_(True)  # strided view when width == 2
+    t = t.to(case["dtype"]).requires_grad_(case["seed"] % 2 == 0)
+    assert_matches_reference(backend, s, t, margin=case["margin"], relation=case["relation"],
+                             num_frames=case["frames"], reduction=case["reduction"], tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_matches_reference_on_random_cases(backend):
+    max_tokens = 40 if backend == "triton" else 70
+
+    @given(trd_cases(max_tokens))
+    def check(case):
+        run_case(backend, case)
+
+    check()
