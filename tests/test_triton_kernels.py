@@ -16,7 +16,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def raw_sums(s, t, need_s=True, deterministic=False, config=None, relation="full", frames=None):
     s3, t3, spec = canonicalize(s, t, relation=relation, num_frames=frames)
-    return triton_kernels.pair_sums(Features.of(s3), Features.of(t3), spec, need_s, False, deterministic, config)
+    return triton_kernels.pair_sums(Features.of(s3), Features.of(t3), spec, need_s, False, deterministic,
+                                    config=config)
 
 
 @pytest.mark.parametrize("relation, frames", [("full", None), ("spatial", 4), ("temporal", 4)])

@@ -75,6 +75,7 @@ def trd_loss(
     backend: str = "auto",
     deterministic: bool = False,
     check_finite: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Token Relation Distillation loss (VideoREPA, arXiv 2505.23656), computed blockwise.
 
@@ -89,10 +90,20 @@ def trd_loss(
         deterministic: forbid atomics so that repeated runs are bitwise identical.
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync) instead of
             returning a NaN/Inf loss.
+        process_group: a ``torch.distributed`` group over which the tokens are sharded (sequence
+            parallelism): each rank passes its contiguous ``[B, N_r, D]`` slice and gets the loss of the
+            whole sequence; see :mod:`vrepa_kernels.distributed`.
 
     Under ``torch.autocast`` fp32 inputs are cast to the autocast dtype first, so the result equals
     that of explicit low-precision inputs; gradients still come back in the inputs' own dtype.
     """
+    if process_group is not None:
+        from .distributed import sequence_parallel_trd_loss
+
+        if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
+            student, teacher = _autocast_inputs(student, teacher)
+        return sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,
+                                          deterministic, process_group)
     s, t, spec = canonicalize(student, teacher, margin, relation, num_frames, reduction)
     s, t = _autocast_inputs(s, t)
     if check_finite:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..function import Features
 from ..relation import RelationSpec
+from ..schedule import strips_for
 
 # Elements of one strip (B x rows x columns); 4M fp32 elements = 16 MiB.
 STRIP_ELEMENTS = 1 << 22
@@ -22,13 +23,6 @@ MIN_ROWS, MAX_ROWS = 32, 512
 def strip_rows(batch: int, n: int, budget: int = STRIP_ELEMENTS) -> int:
     rows = budget // max(1, batch * n)
     return int(max(MIN_ROWS, min(MAX_ROWS, rows)))
-
-
-def _column_end(spec: RelationSpec, row_end: int) -> int:
-    if spec.relation != "spatial":
-        return spec.num_tokens
-    frame_end = -(-row_end // spec.tokens_per_frame)  # frames the strip's rows touch
-    return frame_end * spec.tokens_per_frame
 
 
 def _keep_mask(spec: RelationSpec, r0: int, r1: int, c1: int, device) -> Optional[torch.Tensor]:
@@ -60,8 +54,10 @@ def pair_sums(
     need_s: bool,
     need_t: bool,
     deterministic: bool = False,  # always deterministic: no atomics
-    block_rows: Optional[int] = None,
+    part: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-sample sums and gradients w.r.t. the unit features; ``part=(rank, world)`` visits only that
+    rank's share of the strips (sums and gradients are then partial, for an all-reduce)."""
     acc = student.norm.dtype
     # CPU BLAS is fastest (and exact) in fp32; on GPU keep the tensor-core dtype, as naive PyTorch does.
     gemm_dtype = acc if student.values.device.type == "cpu" else student.values.dtype
@@ -70,16 +66,14 @@ def pair_sums(
     left = torch.cat([s, t], dim=-1)
     right = torch.cat([s, -t], dim=-1)
     batch, n, ds = s.shape
-    rows = block_rows or strip_rows(batch, n)
+    rows = strip_rows(batch, n)
     margin = spec.margin
 
     sums = torch.zeros(batch, dtype=torch.float64, device=s.device)  # across strips: no drift at huge N
     g_s = torch.zeros(batch, n, ds, dtype=acc, device=s.device) if need_s else None
     g_t = torch.zeros(batch, n, t.shape[-1], dtype=acc, device=s.device) if need_t else None
 
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        c1 = _column_end(spec, r1)
+    for _, (r0, r1, _, c1) in strips_for(spec, rows, part):
         diff = torch.bmm(left[:, r0:r1], right[:, r0:c1].transpose(1, 2)).to(acc)  # Gs - Gt, [B, R, C]
         shrunk = F.softshrink(diff, margin)  # sign(D) * max(|D| - m, 0)
         del diff

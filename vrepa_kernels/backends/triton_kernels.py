@@ -26,6 +26,7 @@ import torch
 
 from ..function import Features
 from ..relation import RelationSpec
+from ..schedule import strips_for
 
 try:
     import triton
@@ -93,14 +94,14 @@ if HAS_TRITON:
                 tl.store(g_rows, tl.load(g_rows, mask=rows_mask, other=0.0) + contrib, mask=rows_mask)
 
     @triton.jit
-    def _trd_kernel(S, T, S_INV, T_INV, GS, GT, PARTIAL,
+    def _trd_kernel(S, T, S_INV, T_INV, GS, GT, PARTIAL, ROW_BLOCKS,
                     N, DS, DT, TPF, margin,
                     s_stride_b, s_stride_n, t_stride_b, t_stride_n,
                     gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
                     RELATION: tl.constexpr, SYMMETRIC: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
+        pid_m = tl.load(ROW_BLOCKS + tl.program_id(0))  # which row block this program owns
         batch = tl.program_id(1).to(tl.int64)
         row0 = pid_m * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -167,7 +168,7 @@ if HAS_TRITON:
                     _accumulate_grad(p, T_b, t_inv_rows, t_inv_cols, GT + batch * gt_stride_b, rows64, cols64,
                                      row_ok, col_ok, DT, t_stride_n, gt_stride_n, off_diagonal, SYMMETRIC,
                                      BLOCK_D, UPCAST, PRECISION)
-        tl.store(PARTIAL + batch * tl.num_programs(0) + pid_m, tl.sum(row_sums, axis=0))
+        tl.store(PARTIAL + batch * tl.num_programs(0) + tl.program_id(0), tl.sum(row_sums, axis=0))
 
 
 def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
@@ -192,8 +193,11 @@ def pair_sums(
     need_s: bool,
     need_t: bool,
     deterministic: bool = False,
+    part: Optional[Tuple[int, int]] = None,
     config: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-sample sums and gradients w.r.t. the unit features; ``part=(rank, world)`` runs only that
+    rank's share of the row blocks (sums and gradients are then partial, for an all-reduce)."""
     if not HAS_TRITON:
         raise RuntimeError(f"backend='triton' is unavailable: triton is not installed ({IMPORT_ERROR})")
     s = student.values.contiguous()
@@ -206,20 +210,25 @@ def pair_sums(
     symmetric = not (need_s or need_t) or not deterministic
     if symmetric and cfg["BLOCK_M"] != cfg["BLOCK_N"]:
         raise ValueError(f"the symmetric schedule needs BLOCK_M == BLOCK_N, got {cfg}")
-    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    partial = torch.empty(batch, row_blocks, dtype=torch.float32, device=s.device)
+    if part is None:  # every row block; arange is a device op, so CUDA-graph capture stays legal
+        row_blocks = torch.arange(triton.cdiv(n, cfg["BLOCK_M"]), dtype=torch.int32, device=s.device)
+    else:
+        blocks = [i for i, _ in strips_for(spec, cfg["BLOCK_M"], part, symmetric)]
+        row_blocks = torch.tensor(blocks, dtype=torch.int32).to(s.device)
+    partial = torch.zeros(batch, row_blocks.numel(), dtype=torch.float32, device=s.device)
     g_s = torch.zeros(batch, n, ds, dtype=torch.float32, device=s.device) if need_s else partial
     g_t = torch.zeros(batch, n, dt, dtype=torch.float32, device=s.device) if need_t else partial
     # bf16 tl.dot is wrong under the CPU interpreter; fp32 operands are exact there.
     upcast = interpreting() and s.dtype == torch.bfloat16
-    _trd_kernel[(row_blocks, batch)](
-        s, t, s_inv, t_inv, g_s, g_t, partial,
-        n, ds, dt, spec.tokens_per_frame or 1, spec.margin,
-        s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-        g_s.stride(0) if need_s else 0, g_s.stride(1) if need_s else 0,
-        g_t.stride(0) if need_t else 0, g_t.stride(1) if need_t else 0,
-        RELATION=RELATION_CODES[spec.relation], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
-        UPCAST=upcast, PRECISION=_dot_precision(s.dtype), **cfg,
-    )
+    if row_blocks.numel():
+        _trd_kernel[(row_blocks.numel(), batch)](
+            s, t, s_inv, t_inv, g_s, g_t, partial, row_blocks,
+            n, ds, dt, spec.tokens_per_frame or 1, spec.margin,
+            s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+            g_s.stride(0) if need_s else 0, g_s.stride(1) if need_s else 0,
+            g_t.stride(0) if need_t else 0, g_t.stride(1) if need_t else 0,
+            RELATION=RELATION_CODES[spec.relation], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
+            UPCAST=upcast, PRECISION=_dot_precision(s.dtype), **cfg,
+        )
     sums = partial.to(torch.float64).sum(dim=1).to(torch.float32)
     return sums, (g_s.mul_(2.0) if need_s else None), (g_t.mul_(-2.0) if need_t else None)
