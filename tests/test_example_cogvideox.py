@@ -158,3 +158,15 @@ def test_arguments_need_local_paths_without_tiny():
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--teacher_ckpt", "t", "--data_root", "d"])
     assert (args.align_layer, args.projector_dim, args.trd_weight, args.trd_margin) == (18, 2048, 0.5, 0.1)
     assert (args.height, args.width, args.num_frames, args.mixed_precision) == (480, 720, 49, "bf16")
+
+
+def test_train_step_benchmark_runs_on_the_tiny_model(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT.parent / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--iters", "1", "--out", str(tmp_path)])
+    assert set(report["results"]) == {"none", "naive", "fused"}
+    for variant, row in report["results"].items():
+        assert row["step_s"] > 0 and row["grid"] == [4, 2, 3]
+        assert ("trd_share" in row) == (variant != "none")
+    assert (tmp_path / "train_step_tiny.json").is_file() and (tmp_path / "train_step_tiny.md").is_file()

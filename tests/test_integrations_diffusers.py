@@ -96,6 +96,8 @@ def test_unalignable_geometry_is_a_clear_error(shape, match):
 
 
 def test_align_layer_counts_from_one():
+    with pytest.raises(TypeError, match="transformer_blocks"):
+        VideoREPA(torch.nn.Linear(2, 2), TEACHER_DIM)
     transformer = tiny_transformer()
     with pytest.raises(ValueError, match="counts blocks from 1"):
         VideoREPA(transformer, TEACHER_DIM, align_layer=4, projector_dim=16)
@@ -370,6 +372,19 @@ def test_teacher_key_mapping_reproduces_the_official_encoder(tmp_path, geometry)
     tokens = encode_teacher(teacher, pixels)
     assert tokens.shape == (2, *target, dim)
     torch.testing.assert_close(tokens.reshape(2, -1, dim), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_videomae_v2_geometry_of_videorepa():
+    from vrepa_kernels.integrations.videomae import resize_position_table, token_grid, videomae_v2_config
+
+    config = videomae_v2_config()  # ViT-B/16, tubelet 2, on 48 frames at 160x240
+    assert token_grid(config) == (24, 10, 15)
+    assert (config.hidden_size, config.num_hidden_layers, config.layer_norm_eps) == (768, 12, 1e-6)
+    source = _sinusoid_table(8 * 14 * 14, 768)  # the 16x224x224 pre-training table
+    resized = resize_position_table(source, (8, 14, 14), (24, 10, 15))
+    assert resized.shape == (1, 3600, 768)
+    torch.testing.assert_close(resized, _videorepa_resize(source, (8, 14, 14), (24, 10, 15)))
+    torch.testing.assert_close(resize_position_table(source, (8, 14, 14), (8, 14, 14)), source)
 
 
 def test_teacher_rejects_zero_qv_biases_and_unknown_keys(tmp_path):

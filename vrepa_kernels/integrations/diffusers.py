@@ -199,7 +199,9 @@ class VideoREPA(nn.Module):
             )
         self.teacher_dim = _positive_int("teacher_dim", teacher_dim)
         self.projector_dim = _positive_int("projector_dim", projector_dim)
-        self.hidden_dim = _positive_int("hidden_dim", hidden_dim if hidden_dim is not None else _infer_hidden_dim(model))
+        if hidden_dim is None:
+            hidden_dim = _infer_hidden_dim(model)
+        self.hidden_dim = _positive_int("hidden_dim", hidden_dim)
         self.temporal_upsample = _positive_int("temporal_upsample", temporal_upsample)
         self.spatial_downsample = _positive_int("spatial_downsample", spatial_downsample)
         self.drop_first_frame = bool(drop_first_frame)
@@ -326,7 +328,8 @@ class VideoREPA(nn.Module):
         return x.reshape(batch, out_frames, self.teacher_dim, out_rows, out_cols).permute(0, 1, 3, 4, 2)
 
     def teacher_grid(self, teacher_tokens: torch.Tensor, aligned_shape: Sequence[int]) -> torch.Tensor:
-        """``[B, N, Dt]`` or ``[B, F, H, W, Dt]`` teacher tokens as ``[B, F, H, W, Dt]``, checked against the student."""
+        """``[B, N, Dt]`` or ``[B, F, H, W, Dt]`` teacher tokens as ``[B, F, H, W, Dt]``, checked against the
+        student's aligned shape."""
         batch, frames, rows, cols, width = (int(d) for d in aligned_shape)
         want = (batch, frames, rows, cols, width)
         if not isinstance(teacher_tokens, torch.Tensor):
@@ -354,7 +357,7 @@ class VideoREPA(nn.Module):
         """TRD loss of aligned ``[B, F, H, W, D]`` grids (frames carried to the relation), outside autocast."""
         batch, frames = student.shape[:2]
         s = student.reshape(batch, frames, -1, student.shape[-1])
-        t = teacher.reshape(batch, frames, -1, teacher.shape[-1]).to(s.dtype)
+        t = teacher.reshape(batch, frames, -1, teacher.shape[-1]).to(device=s.device, dtype=s.dtype)
         with _autocast_off(s.device.type):
             return trd_loss(s, t, margin=self.margin, relation=self.relation, reduction=self.reduction,
                             backend=self.backend, deterministic=self.deterministic)
@@ -366,7 +369,8 @@ class VideoREPA(nn.Module):
         ``[B, N, Dt]`` in frame-major, row-major order (VideoMAE's ``last_hidden_state``) or ``[B, F, H, W, Dt]``.
         """
         if not self._armed:
-            raise RuntimeError("call the VideoREPA helper inside `with helper.capture():`, after the transformer forward")
+            raise RuntimeError(
+                "call the VideoREPA helper inside `with helper.capture():`, after the transformer forward")
         hidden = self._captured
         if hidden is None:
             raise RuntimeError(
