@@ -1,0 +1,141 @@
+"""What one measurement is (a :class:`Case`), how many FLOPs it usefully needs, and the named presets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
+
+import torch
+
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape/dtype/mode/relation to time every implementation on."""
+
+    batch: int
+    frames: int  # the token grid is frames x tokens_per_frame; frames only matters for relation != "full"
+    tokens_per_frame: int
+    ds: int  # student feature dim
+    dt: int  # teacher feature dim
+    dtype: str = "fp32"
+    mode: str = "fwd+bwd"
+    relation: str = "full"
+    margin: float = 0.1
+    label: str = ""  # preset name shown in the report, e.g. "videorepa"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch", "frames", "tokens_per_frame", "ds", "dt"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def n(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def num_frames(self) -> Optional[int]:
+        """What the loss's ``num_frames`` argument gets: None for the full relation."""
+        return None if self.relation == "full" else self.frames
+
+    @property
+    def kept_pairs(self) -> int:
+        """Kept (i, j) pairs per sample, as :class:`vrepa_kernels.relation.RelationSpec` counts them."""
+        same_frame = self.frames * self.tokens_per_frame ** 2
+        return {"full": self.n ** 2, "spatial": same_frame, "temporal": self.n ** 2 - same_frame}[self.relation]
+
+    def describe(self) -> str:
+        dims = f"D={self.ds}" if self.ds == self.dt else f"Ds={self.ds},Dt={self.dt}"
+        rel = "" if self.relation == "full" else f" {self.relation} F={self.frames}"
+        return f"B={self.batch} N={self.n} {dims} {self.dtype} {self.mode}{rel}"
+
+    def as_record(self) -> Dict:
+        return dict(B=self.batch, F=self.frames, T=self.tokens_per_frame, N=self.n, D=self.ds, Ds=self.ds,
+                    Dt=self.dt, dtype=self.dtype, mode=self.mode, relation=self.relation, margin=self.margin,
+                    label=self.label)
+
+
+def useful_flops(case: Case) -> int:
+    """FLOPs the loss cannot avoid (the definition the "limit" uses; see benchmarks/README.md).
+
+    Forward: Gs - Gt over the kept pairs costs 2 * (Ds + Dt) per pair, halved because the relation is
+    symmetric. Backward (student only, teacher frozen): the gradient GEMM 2 P s, 2 * Ds per kept pair.
+    """
+    per_sample = case.kept_pairs * (case.ds + case.dt)
+    if case.mode == "fwd+bwd":
+        per_sample += 2 * case.kept_pairs * case.ds
+    return case.batch * per_sample
+
+
+def attention_flops(case: Case) -> int:
+    """FLOPs of non-causal attention with q = k = v = the student features (the flash-attention convention:
+    4 N^2 D forward, 2.5x that backward)."""
+    fwd = 4 * case.batch * case.n ** 2 * case.ds
+    return fwd if case.mode == "fwd" else int(3.5 * fwd)
+
+
+def _grid(n: int, frames: int = 16) -> Dict[str, int]:
+    """A frames x tokens_per_frame grid of n tokens (frames only shapes the spatial/temporal relations)."""
+    while n % frames:
+        frames //= 2
+    return dict(frames=frames, tokens_per_frame=n // frames)
+
+
+def _sweep(ns, d, **kw) -> List[Case]:
+    return [Case(batch=1, ds=d, dt=d, **_grid(n), **kw) for n in ns]
+
+
+# The shapes the issue names.
+VIDEOREPA = Case(batch=2, frames=24, tokens_per_frame=150, ds=768, dt=768, label="videorepa")
+COGVIDEOX_FULL = Case(batch=1, frames=13, tokens_per_frame=30 * 45, ds=768, dt=768, label="cogvideox-full")
+HD_720P = Case(batch=1, frames=21, tokens_per_frame=45 * 80, ds=768, dt=768, label="720p")
+CPU_TARGET = Case(batch=1, frames=16, tokens_per_frame=256, ds=256, dt=256, label="cpu-target")
+
+
+def _quick(device: str) -> List[Case]:
+    if device == "cpu":
+        cases = _sweep([1024, 2048], 256, label="cpu-sweep") + [CPU_TARGET]
+        return cases + [Case(batch=1, ds=256, dt=256, relation="spatial", label="relation", **_grid(2048))]
+    cases = _sweep([4096, 8192], 768, dtype="bf16", label="gpu-sweep") + [replace(COGVIDEOX_FULL, dtype="bf16")]
+    return cases + [replace(VIDEOREPA, dtype="bf16", relation="spatial")]
+
+
+def _cpu(device: str) -> List[Case]:
+    cases = _sweep([1024, 2048], 256, label="cpu-sweep") + [CPU_TARGET]
+    cases += _sweep([8192], 256, label="cpu-sweep")
+    cases += [replace(c, mode="fwd") for c in _sweep([1024, 2048, 4096, 8192], 256, label="cpu-sweep")]
+    cases += [replace(c, dtype="bf16") for c in _sweep([1024, 2048, 4096], 256, label="cpu-sweep")]
+    cases += [replace(CPU_TARGET, relation=r, label="relation") for r in ("spatial", "temporal")]
+    cases += [Case(batch=1, ds=ds, dt=768, label="Ds!=Dt", **_grid(2048)) for ds in (1920, 3072)]
+    cases += [replace(VIDEOREPA, relation=r) for r in ("full", "spatial", "temporal")]
+    return cases + [COGVIDEOX_FULL]
+
+
+def _gpu(device: str) -> List[Case]:
+    bf16 = dict(dtype="bf16")
+    cases = _sweep([2048, 4096, 8192], 768, label="gpu-sweep", **bf16)
+    cases += [replace(COGVIDEOX_FULL, **bf16), replace(HD_720P, **bf16)]
+    cases += [replace(COGVIDEOX_FULL, mode="fwd", **bf16), replace(COGVIDEOX_FULL, dtype="fp32")]
+    cases += [replace(COGVIDEOX_FULL, ds=ds, label="Ds!=Dt", **bf16) for ds in (1920, 3072)]
+    cases += [replace(VIDEOREPA, relation=r, **bf16) for r in ("full", "spatial", "temporal")]
+    return cases
+
+
+PRESETS = {
+    "quick": _quick,
+    "cpu": _cpu,
+    "gpu": _gpu,
+    "videorepa": lambda device: [replace(VIDEOREPA, relation=r, dtype=d)
+                                 for d in ("fp32", "bf16") for r in ("full", "spatial", "temporal")],
+    "cogvideox-full": lambda device: [replace(COGVIDEOX_FULL, dtype=d) for d in ("fp32", "bf16")],
+    "720p": lambda device: [replace(HD_720P, dtype="bf16")] if device == "cuda" else [],
+}

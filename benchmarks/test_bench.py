@@ -1,0 +1,134 @@
+"""Benchmark tests for CI: tiny shapes, timings recorded by pytest-benchmark and never asserted.
+
+They assert what could be false: the benchmarked implementations agree with the reference, the useful-FLOP
+count matches the library's pair count, and the CLI writes complete records, refusing or recording (never
+crashing on) shapes that do not fit.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import impls as registry  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+from cases import Case, useful_flops  # noqa: E402
+from vrepa_kernels import trd_loss_reference  # noqa: E402
+from vrepa_kernels.relation import canonicalize  # noqa: E402
+
+try:
+    import pytest_benchmark  # noqa: F401
+except ImportError:
+    @pytest.fixture
+    def benchmark():
+        pytest.skip("pytest-benchmark is not installed")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TINY = Case(batch=2, frames=4, tokens_per_frame=24, ds=32, dt=16, relation="temporal")
+REQUIRED_KEYS = {"impl", "N", "D", "Ds", "Dt", "dtype", "device", "mode", "relation", "time_ms_median",
+                 "peak_mem_mb", "status", "device_name", "torch_version", "triton_version", "git_commit", "date"}
+
+
+@pytest.mark.parametrize("impl_name", ["naive", "torch", "triton", "cuda"])
+def test_benchmarked_impl_matches_reference(benchmark, impl_name):
+    try:
+        loss_fn = registry.REGISTRY[impl_name].build(TINY, DEVICE)
+    except registry.Unavailable as why:
+        pytest.skip(str(why))
+    student, teacher = registry.make_inputs(TINY, DEVICE)
+    step = registry.make_step(loss_fn, student, teacher, TINY.mode)
+    loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+
+    s64 = student.detach().double().requires_grad_(True)
+    exact = trd_loss_reference(s64, teacher.double(), TINY.margin, TINY.relation, TINY.num_frames)
+    exact.backward()
+    assert torch.allclose(loss.double(), exact.detach(), rtol=1e-3, atol=1e-7)
+    assert torch.allclose(student.grad.double(), s64.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("relation", ["full", "spatial", "temporal"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_useful_flops_counts_the_librarys_kept_pairs(relation, mode):
+    case = Case(batch=3, frames=5, tokens_per_frame=7, ds=48, dt=16, relation=relation, mode=mode)
+    s, t = registry.make_inputs(case, torch.device("cpu"))
+    _, _, spec = canonicalize(s, t, relation=relation, num_frames=case.num_frames)
+    per_pair = (48 + 16) + (2 * 48 if mode == "fwd+bwd" else 0)
+    assert useful_flops(case) == 3 * spec.pairs_per_sample * per_pair
+
+
+def _cli(tmp_path, *extra, ns=("64", "128")):
+    return run.main(["--n", *ns, "--d", "16", "--frames", "4", "--out", str(tmp_path), "--min-reps", "2",
+                     "--min-time", "0", "--max-time", "1", "--retries", "0", "--no-progress", *extra])
+
+
+def test_cli_writes_complete_records_table_and_plots(tmp_path, capsys):
+    records = _cli(tmp_path, "--impls", "naive", "torch", "triton", "--relation", "full", "spatial")
+    for name in ("results.json", "results.md", "time_vs_n.png", "memory_vs_n.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved) == len(records) == 2 * 2 * 4  # 2 N x 2 relations x (3 impls + limit)
+    for rec in saved:
+        assert REQUIRED_KEYS <= rec.keys(), REQUIRED_KEYS - rec.keys()
+    by = {(r["impl"], r["N"], r["relation"]): r for r in saved}
+    naive, fast, limit = by["naive", 128, "spatial"], by["torch", 128, "spatial"], by["limit", 128, "spatial"]
+    assert naive["status"] == fast["status"] == limit["status"] == "ok"
+    assert fast["time_ms_median"] > 0 and fast["peak_mem_mb"] is not None
+    assert fast["speedup_vs_naive"] == pytest.approx(naive["time_ms_median"] / fast["time_ms_median"])
+    assert fast["loss_rel_diff_vs_naive"] < 1e-4
+    assert fast["is_default"] == (fast["default_backend"] == "torch")
+    if DEVICE.type == "cpu":
+        assert by["triton", 64, "full"]["status"] == "skipped" and by["triton", 64, "full"]["reason"]
+    printed = capsys.readouterr().out
+    assert "| case | impl |" in printed and "speed-up vs naive" in printed
+
+
+def test_cli_refuses_cpu_shapes_over_the_memory_budget(tmp_path):
+    if DEVICE.type != "cpu":
+        pytest.skip("the memory budget applies to CPU runs")
+    records = _cli(tmp_path, "--impls", "naive", "torch", "--mem-budget-gb", "1e-6", "--no-plots", ns=["64"])
+    naive = [r for r in records if r["impl"] == "naive"]
+    assert all(r["status"] == "skipped" and "would need" in r["reason"] for r in naive)
+    assert all(r["status"] == "ok" for r in records if r["impl"] == "torch")
+
+
+def test_cli_records_out_of_memory_instead_of_crashing(tmp_path, monkeypatch):
+    def exhausted(case, device):
+        def loss_fn(s, t):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 11.50 GiB")
+        return loss_fn
+
+    monkeypatch.setitem(registry.REGISTRY, "naive", registry.Impl("naive", "always OOM", exhausted))
+    records = _cli(tmp_path, "--impls", "naive", "torch", "--no-plots", ns=["64"])
+    assert {r["status"] for r in records if r["impl"] == "naive"} == {"oom"}
+    assert all("speedup_vs_naive" not in r for r in records if r["impl"] == "torch")
+
+
+def test_target_check_reports_misses_with_their_size():
+    base = dict(device="cpu", dtype="fp32", B=1, N=4096, Ds=256, Dt=256, mode="fwd+bwd", relation="full",
+                F=16, status="ok")
+    records = [dict(base, impl="naive", time_ms_median=400.0),
+               dict(base, impl="torch", is_default=True, time_ms_median=200.0),
+               dict(base, impl="limit", time_ms_median=100.0)]
+    (line,) = report.targets(records)
+    assert "speed-up vs naive 2.00× (target ≥ 3×: MISSED by 33%)" in line
+    assert "time / limit 2.00× (target ≤ 1.3×: MISSED by 54%)" in line
+
+
+def test_gpu_target_checks_pick_the_best_fused_backend_and_name_oom():
+    cog = dict(device="cuda", dtype="bf16", B=1, N=17550, Ds=768, Dt=768, mode="fwd+bwd", relation="full", F=13)
+    big = dict(cog, N=75600, F=21)
+    records = [dict(cog, impl="naive", status="ok", time_ms_median=100.0),
+               dict(cog, impl="compiled", status="ok", time_ms_median=40.0),
+               dict(cog, impl="triton", status="ok", time_ms_median=12.0, frac_of_limit=0.7, extra_mem_mb=80.0),
+               dict(cog, impl="cuda", status="ok", time_ms_median=10.0, frac_of_limit=0.6, extra_mem_mb=20.0),
+               dict(big, impl="naive", status="oom"),
+               dict(big, impl="triton", status="ok", time_ms_median=45.0)]
+    lines = report.targets(records)
+    assert lines[0].startswith("H100 target, bf16 N=17550 D=768 fwd+bwd, best fused (cuda)")
+    assert "vs naive 10.00× (target ≥ 8×: met)" in lines[0] and "vs compiled 4.00× (target ≥ 4×: met)" in lines[0]
+    assert "of limit 60.00% (target ≥ 65%: MISSED by 8%)" in lines[0]
+    assert lines[1] == "N=75600 fwd+bwd, best fused (triton): time 45.00 ms (target ≤ 40 ms: MISSED by 12%); naive: oom"
