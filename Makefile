@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo fuzz gpu-check clean
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt
+# The compiled extensions (CMakeLists.txt, csrc/) are rebuilt by the editable install when their sources change.
+$(STAMP): setup.py pyproject.toml requirements-dev.txt CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"

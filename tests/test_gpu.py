@@ -7,7 +7,7 @@ from vrepa_kernels import trd_loss
 from conftest import assert_matches_reference, make_pair, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
-GPU_BACKENDS = ["torch", "triton"]
+GPU_BACKENDS = ["torch", "triton", "cuda"]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -25,7 +25,8 @@ def test_student_wider_than_teacher(backend):
     assert_matches_reference(backend, s, t, relation="temporal", num_frames=8)
 
 
-@pytest.mark.parametrize("backend, deterministic", [("triton", False), ("triton", True), ("torch", False)])
+@pytest.mark.parametrize("backend, deterministic",
+                         [("triton", False), ("triton", True), ("cuda", False), ("cuda", True), ("torch", False)])
 def test_cogvideox_full_grid(backend, deterministic):
     # N = 13 * 30 * 45 = 17,550 tokens: the float64 reference needs ~30 GB here, which an H100 holds.
     s, t = make_pair((1, 17_550, 768), 768, dtype=torch.bfloat16, device="cuda")

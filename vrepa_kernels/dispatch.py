@@ -43,17 +43,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, spec
             if triton_ok:
                 return "triton"
         return "torch"
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
+    if backend in ("triton", "cuda"):
+        reason = triton_unavailable_reason(device) if backend == "triton" else cuda.unavailable_reason(device)
         if reason is not None:
-            raise RuntimeError(f"backend='triton' is unavailable: {reason}")
+            raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
         if dtype == torch.float64:
-            raise TypeError("backend='triton' takes float16, bfloat16 or float32 inputs, got torch.float64; "
+            raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, got torch.float64; "
                             "use backend='torch' for float64")
-    if backend == "cuda":
-        reason = cuda.unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
     return backend
 
 

@@ -17,6 +17,7 @@ sequence-parallel group.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional
 
 import torch
@@ -44,17 +45,23 @@ class _SequenceParallelTRD(torch.autograd.Function):
         rows = slice(offset, offset + student.shape[1])
         feats_s = Features.of(_gather_rows(student.detach(), sizes, group))
         feats_t = Features.of(_gather_rows(teacher.detach(), sizes, group))
-        sums, g_s, g_t = backends.pair_kernel(backend)(feats_s, feats_t, spec, need_s, need_t, deterministic,
-                                                       part=(rank, world))
+        kernel = backends.pair_kernel(backend)
+        split = "part" in inspect.signature(kernel).parameters
+        if split:
+            sums, g_s, g_t = kernel(feats_s, feats_t, spec, need_s, need_t, deterministic, part=(rank, world))
+        else:  # a backend without work splitting computes everything on every rank: exact, no reduction
+            sums, g_s, g_t = kernel(feats_s, feats_t, spec, need_s, need_t, deterministic)
         sums = sums.to(feats_s.norm.dtype)
-        dist.all_reduce(sums, group=group)
+        if split:
+            dist.all_reduce(sums, group=group)
         loss, scale = reduce_sums(sums, spec)
         grads = []
         for need, g, feats in ((need_s, g_s, feats_s), (need_t, g_t, feats_t)):
             if not need:
                 grads.append(None)
                 continue
-            dist.all_reduce(g, group=group)
+            if split:
+                dist.all_reduce(g, group=group)
             local = Features(feats.values[:, rows], feats.norm[:, rows])
             grads.append(normalize_backward(g[:, rows] * scale, local.unit(), local.norm))
         ctx.grads = grads

@@ -1,22 +1,280 @@
-"""Slot for the CUDA C++ backend (csrc/, a later issue). Until it is built it reports why it can't run."""
+"""CUDA C++ backend: the fused kernels of ``csrc/`` behind ``vrepa_kernels._C_cuda``.
+
+The compiled modules take raw pointers, sizes, strides and the CUDA stream from here, and never link
+libtorch: one build serves any torch version. ``_C_cuda`` holds the GPU kernels; ``_C_cpu`` holds their
+CPU twin (same tile schedule, masks and epilogue, plain C++ products), exposed as
+:func:`cpu_twin_pair_sums` with the ``pair_sums`` signature; ``_C_emulator`` runs the kernel's own code on
+the CPU for tests (:func:`emulated_pair_sums`).
+
+All return what every backend returns: per-sample sums ``[B]`` (fp32), ``d sum / d s_hat = 2 P s_hat`` and
+``d sum / d t_hat = -2 P t_hat`` (fp32, or None), with ``P_ij = sign(D_ij) [|D_ij| > margin] keep_ij``.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+import json
+import os
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 
-NOT_BUILT_REASON = "the CUDA C++ extension is not part of this build yet (csrc/ lands with the CUDA backend issue)"
+from ..function import Features
+from ..relation import RelationSpec
+
+RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
+
+
+def _import_extension(name: str):
+    try:
+        return importlib.import_module(f"vrepa_kernels.{name}"), None
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_cuda_ext, _cuda_import_error = _import_extension("_C_cuda")
+_cpu_ext, _cpu_import_error = _import_extension("_C_cpu")
+_emulator_ext, _emulator_import_error = _import_extension("_C_emulator")
+
+
+def build_info() -> dict:
+    """What setup.py recorded when it built (or skipped) the extensions; {} when it did not run."""
+    try:
+        with open(BUILD_INFO_FILE, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _not_built_reason(kind: str, import_error: Optional[str]) -> str:
+    recorded = build_info().get(kind, {})
+    if recorded.get("reason"):
+        return recorded["reason"]
+    if import_error and "No module named" not in import_error:
+        return f"it is built but does not import ({import_error})"
+    return ("the package was installed without building it "
+            "(run `pip install --no-build-isolation -e .` with nvcc on PATH)")
+
+
+def cuda_extension_built() -> bool:
+    return _cuda_ext is not None
+
+
+def cuda_extension_archs() -> str:
+    """The compiled targets, e.g. ``sm_80, sm_90a, PTX compute_80``."""
+    if _cuda_ext is None:
+        return ""
+    archs = [f"sm_{a}" for a in _cuda_ext.sass_archs.split(",") if a]
+    if _cuda_ext.ptx_arch:
+        archs.append(f"PTX compute_{_cuda_ext.ptx_arch}")
+    return ", ".join(archs)
+
+
+def cuda_extension_line() -> str:
+    """``cuda_extension: built (<archs>)`` or ``cuda_extension: not built (<reason>)``."""
+    if _cuda_ext is not None:
+        return f"cuda_extension: built ({cuda_extension_archs()})"
+    return f"cuda_extension: not built ({_not_built_reason('cuda', _cuda_import_error)})"
+
+
+def cpu_twin_line() -> str:
+    if _cpu_ext is not None:
+        return "cpu_twin: built"
+    return f"cpu_twin: not built ({_not_built_reason('cpu', _cpu_import_error)})"
+
+
+def emulator_line() -> str:
+    if _emulator_ext is not None:
+        return "kernel_emulator: built"
+    return f"kernel_emulator: not built ({_not_built_reason('emulator', _emulator_import_error)})"
+
+
+def _arch_runs(entry: str, major: int, minor: int) -> bool:
+    """Whether SASS compiled for ``entry`` (e.g. "80", "90a") runs on a device of capability major.minor."""
+    arch_specific = entry[-1].isalpha()
+    number = int(entry.rstrip("af"))
+    want_major, want_minor = divmod(number, 10)
+    if arch_specific:
+        return (major, minor) == (want_major, want_minor)
+    return major == want_major and minor >= want_minor
+
+
+def arch_problem(capability: Tuple[int, int]) -> Optional[str]:
+    """None when the build has a kernel image (SASS or PTX) for a device of this capability."""
+    major, minor = capability
+    sass = [a for a in _cuda_ext.sass_archs.split(",") if a]
+    if any(_arch_runs(a, major, minor) for a in sass):
+        return None
+    ptx = _cuda_ext.ptx_arch
+    if ptx and major * 10 + minor >= int(ptx):
+        return None
+    return (f"this GPU is sm_{major}{minor} but the CUDA extension was built for {cuda_extension_archs()}; "
+            f"rebuild with VREPA_CUDA_ARCHS={major}{minor}")
+
+
+@lru_cache(maxsize=None)
+def _device_problem(index: int) -> Optional[str]:
+    problem = arch_problem(torch.cuda.get_device_capability(index))
+    if problem is None:
+        with torch.cuda.device(index):
+            problem = _cuda_ext.device_problem(index) or None
+    return problem
+
+
+@lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return int(_cuda_ext.multiprocessor_count(index))
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
-    """None when backend='cuda' can run on ``device``, else what is missing."""
-    return NOT_BUILT_REASON
+    """None when backend='cuda' can run on ``device``, else everything that is missing."""
+    device = torch.device(device)
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
+    elif device.type != "cuda":
+        missing.append(f"the inputs are on {device}, not on a CUDA device")
+    if _cuda_ext is None:
+        missing.append(f"the CUDA extension vrepa_kernels._C_cuda is not built: "
+                       f"{_not_built_reason('cuda', _cuda_import_error)}")
+    if missing:
+        return "; ".join(missing)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_problem(index)
 
 
 def preferred(spec, dtype: torch.dtype) -> bool:
-    """Whether backend='auto' should pick CUDA over Triton for this call (measured per shape)."""
+    """Whether backend='auto' should pick CUDA over Triton for this call.
+
+    Not measured on a GPU yet (the kernels were only compiled in the session that wrote them), so Triton
+    stays the default everywhere until benchmarks/gpu_check.sh shows the CUDA kernel faster for a shape.
+    """
     return False
 
 
-def pair_sums(s_hat, t_hat, spec, need_s, need_t, deterministic=False):
-    raise RuntimeError(f"backend='cuda' is unavailable: {NOT_BUILT_REASON}")
+def _kernel_args(s: torch.Tensor, t: torch.Tensor, s_inv: torch.Tensor, t_inv: torch.Tensor,
+                 g_s: Optional[torch.Tensor], g_t: Optional[torch.Tensor], partial: torch.Tensor,
+                 spec: RelationSpec, symmetric: bool, splits: int) -> dict:
+    batch, n, ds = s.shape
+    return dict(
+        s=s.data_ptr(), t=t.data_ptr(), s_inv=s_inv.data_ptr(), t_inv=t_inv.data_ptr(),
+        grad_s=g_s.data_ptr() if g_s is not None else 0, grad_t=g_t.data_ptr() if g_t is not None else 0,
+        partial=partial.data_ptr(), dtype=DTYPE_CODES[s.dtype], batch=batch, n=n, ds=ds, dt=t.shape[-1],
+        s_strides=(s.stride(0), s.stride(1)), t_strides=(t.stride(0), t.stride(1)),
+        gs_strides=(g_s.stride(0), g_s.stride(1)) if g_s is not None else (0, 0),
+        gt_strides=(g_t.stride(0), g_t.stride(1)) if g_t is not None else (0, 0),
+        relation=RELATION_CODES[spec.relation], tokens_per_frame=spec.tokens_per_frame or 1,
+        margin=float(spec.margin), symmetric=symmetric, splits=splits,
+    )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when the kernels can read it through strides (contiguous rows), else a contiguous copy."""
+    if x.stride(2) == 1 and x.stride(1) >= x.shape[2] and x.stride(0) >= 0:
+        return x
+    return x.contiguous()
+
+
+def _prepare(student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
+             deterministic: bool, backend: str):
+    if student.values.dtype not in DTYPE_CODES:
+        raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, "
+                        f"got {student.values.dtype}; use backend='torch' for float64")
+    s = _rows(student.values)
+    t = _rows(teacher.values)
+    s_inv = student.inv_norm.float().contiguous()
+    t_inv = teacher.inv_norm.float().contiguous()
+    symmetric = not (need_s or need_t) or not deterministic
+    batch, n, ds = s.shape
+    g_s = torch.zeros(batch, n, ds, dtype=torch.float32, device=s.device) if need_s else None
+    g_t = torch.zeros(batch, n, t.shape[-1], dtype=torch.float32, device=s.device) if need_t else None
+    return s, t, s_inv, t_inv, g_s, g_t, symmetric
+
+
+def _run(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
+         deterministic: bool, backend: str, parallel_units: int, splits: Optional[int], **launch):
+    """Allocate with torch, plan the launch, call ``ext.pair_sums``; the sums come back in fp32."""
+    s, t, s_inv, t_inv, g_s, g_t, symmetric = _prepare(student, teacher, spec, need_s, need_t, deterministic, backend)
+    batch, n = s.shape[:2]
+    row_blocks, planned = ext.plan(batch, n, symmetric, parallel_units)
+    splits = planned if splits is None else int(splits)
+    partial = torch.empty(batch, row_blocks * splits, dtype=torch.float64, device=s.device)
+    ext.pair_sums(**_kernel_args(s, t, s_inv, t_inv, g_s, g_t, partial, spec, symmetric, splits), **launch)
+    return partial.sum(dim=1).to(torch.float32), g_s, g_t
+
+
+def pair_sums(
+    student: Features,
+    teacher: Features,
+    spec: RelationSpec,
+    need_s: bool,
+    need_t: bool,
+    deterministic: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The fused CUDA kernel on torch's current stream of the inputs' device."""
+    device = student.values.device
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return _run(_cuda_ext, student, teacher, spec, need_s, need_t, deterministic, "cuda", _multiprocessors(index),
+                    None, device=index, stream=stream)
+
+
+def _cpu_only(student: Features, name: str) -> None:
+    if student.values.device.type != "cpu":
+        raise ValueError(f"{name} takes CPU tensors, got {student.values.device}")
+
+
+def cpu_twin_pair_sums(
+    student: Features,
+    teacher: Features,
+    spec: RelationSpec,
+    need_s: bool,
+    need_t: bool,
+    deterministic: bool = False,
+    threads: Optional[int] = None,
+    splits: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The CPU twin of the CUDA kernel (same schedule and epilogue), for CPU tensors.
+
+    ``threads`` defaults to ``torch.get_num_threads()``; ``splits`` (symmetric schedule only) to what the GPU
+    launch plan would pick for that many parallel units. Results are bitwise reproducible for fixed arguments.
+    """
+    if _cpu_ext is None:
+        raise RuntimeError("the CPU twin vrepa_kernels._C_cpu is not built: "
+                           f"{_not_built_reason('cpu', _cpu_import_error)}")
+    _cpu_only(student, "cpu_twin_pair_sums")
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return _run(_cpu_ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits,
+                threads=threads)
+
+
+def emulated_pair_sums(
+    student: Features,
+    teacher: Features,
+    spec: RelationSpec,
+    need_s: bool,
+    need_t: bool,
+    deterministic: bool = False,
+    splits: Optional[int] = None,
+    multiprocessors: int = 132,
+    order: int = 0,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The CUDA kernel's own code run on CPU tensors by the warp/barrier emulator (tests; tiny shapes).
+
+    The launch is planned as for a GPU with ``multiprocessors`` SMs (an H100 has 132) unless ``splits`` is given.
+    ``order`` picks the order in which the emulator resumes threads (0 forward, 1 reverse, else a seeded shuffle).
+    """
+    if _emulator_ext is None:
+        raise RuntimeError("the kernel emulator vrepa_kernels._C_emulator is not built: "
+                           f"{_not_built_reason('emulator', _emulator_import_error)}")
+    _cpu_only(student, "emulated_pair_sums")
+    return _run(_emulator_ext, student, teacher, spec, need_s, need_t, deterministic, "emulator", multiprocessors,
+                splits, order=order)

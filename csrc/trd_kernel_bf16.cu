@@ -1,0 +1,8 @@
+// One input dtype per translation unit, so that the instantiations compile in parallel.
+#include "trd_kernel.cuh"
+
+namespace vrepa {
+namespace cuda {
+VREPA_INSTANTIATE(__nv_bfloat16)
+}  // namespace cuda
+}  // namespace vrepa

@@ -1,0 +1,504 @@
+"""The CUDA C++ backend (csrc/): error paths, the logic it shares with its CPU twin, the twin against the
+reference, and (with a GPU) the kernels themselves.
+
+Without a GPU only the CPU part runs: the twin walks the kernel's schedule with the kernel's epilogue, and
+fragment_selftest checks the tensor-core lane/address arithmetic by emulating ldmatrix and mma.sync.
+"""
+import itertools
+import math
+import types
+
+import pytest
+import torch
+
+from vrepa_kernels import backends, trd_loss
+from vrepa_kernels.backends import cuda as cuda_backend
+from vrepa_kernels.function import Features
+from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
+
+from conftest import HAS_CUDA, assert_matches_reference, make_pair, requires_cuda
+
+cpu_ext = cuda_backend._cpu_ext
+requires_twin = pytest.mark.skipif(cpu_ext is None, reason="vrepa_kernels._C_cpu is not built")
+RELATIONS = [("full", None), ("spatial", 5), ("temporal", 5)]
+CODES = cuda_backend.RELATION_CODES
+
+
+def features(s, t, **kwargs):
+    s3, t3, spec = canonicalize(s.detach(), t.detach(), **kwargs)
+    return Features.of(s3), Features.of(t3), spec
+
+
+@pytest.fixture
+def twin_as_torch_backend(monkeypatch):
+    """Route backend='torch' through the CPU twin, so the full op (normalisation, reductions) runs on it."""
+    def pair_kernel(name):
+        assert name == "torch"
+        return lambda *args: cuda_backend.cpu_twin_pair_sums(*args, threads=2)
+
+    monkeypatch.setattr(backends, "pair_kernel", pair_kernel)
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Error paths
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is present")
+def test_cuda_backend_without_gpu_says_no_gpu():
+    s, t = make_pair((1, 8, 4), 4)
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable: no CUDA GPU is available"):
+        trd_loss(s, t, backend="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        cuda_backend.pair_sums(*features(s, t), True, False)
+
+
+def test_unbuilt_extension_is_named(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_cuda_ext", None)
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: {"cuda": {"built": False, "reason": "nvcc was not found"}})
+    reason = cuda_backend.unavailable_reason(torch.device("cuda", 0))
+    assert "vrepa_kernels._C_cuda is not built: nvcc was not found" in reason
+    assert cuda_backend.cuda_extension_line() == "cuda_extension: not built (nvcc was not found)"
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: {})
+    assert "installed without building it" in cuda_backend.cuda_extension_line()
+
+
+def test_cpu_tensors_are_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "_cuda_ext", types.SimpleNamespace(sass_archs="80", ptx_arch="80"))
+    assert cuda_backend.unavailable_reason(torch.device("cpu")) == "the inputs are on cpu, not on a CUDA device"
+
+
+@pytest.mark.parametrize("capability, sass, ptx, runs", [
+    ((8, 0), "80,90a", "80", True),
+    ((8, 6), "80", "", True),      # sm_80 SASS runs on every 8.x
+    ((9, 0), "80,90a", "", True),
+    ((9, 0), "80", "", False),     # no 9.x image and no PTX
+    ((10, 0), "80,90a", "80", True),  # the driver JITs compute_80 PTX
+    ((8, 9), "90a", "", False),
+    ((9, 1), "90a", "", False),    # arch-specific SASS runs on exactly 9.0
+    ((7, 5), "80,90a", "80", False),
+])
+def test_arch_check(monkeypatch, capability, sass, ptx, runs):
+    monkeypatch.setattr(cuda_backend, "_cuda_ext", types.SimpleNamespace(sass_archs=sass, ptx_arch=ptx))
+    problem = cuda_backend.arch_problem(capability)
+    assert (problem is None) == runs
+    if not runs:
+        major, minor = capability
+        assert f"this GPU is sm_{major}{minor}" in problem and f"VREPA_CUDA_ARCHS={major}{minor}" in problem
+
+
+def test_cuda_extension_line_format():
+    line = cuda_backend.cuda_extension_line()
+    if cuda_backend.cuda_extension_built():
+        assert line.startswith("cuda_extension: built (sm_") and line.endswith(")")
+        assert cuda_backend._cuda_ext.cuda_runtime_version >= 11000
+    else:
+        assert line.startswith("cuda_extension: not built (") and line.endswith(")")
+
+
+@requires_twin
+def test_twin_rejects_bad_arguments():
+    s, t = make_pair((1, 12, 8), 8)
+    fs, ft, spec = features(s, t)
+    with pytest.raises(TypeError, match="float64"):
+        cuda_backend.cpu_twin_pair_sums(*features(s.double(), t.double()), True, False)
+    with pytest.raises(ValueError, match="threads"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=0)
+    with pytest.raises(ValueError, match="splits"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, splits=5)  # 12 tokens: one row block
+    with pytest.raises(ValueError, match="deterministic schedule takes splits=1"):
+        cuda_backend.cpu_twin_pair_sums(*features(*make_pair((1, 200, 8), 8)), True, False, deterministic=True,
+                                        splits=2)
+    bad_frames = RelationSpec(1, 12, "spatial", 5, 0.1)  # 5 does not divide 12
+    with pytest.raises(ValueError, match="tokens_per_frame=5"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, bad_frames, True, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared logic (trd_shared.h), probed through the twin's module
+# ---------------------------------------------------------------------------------------------------------
+
+@requires_twin
+def test_epilogue_math():
+    nan, inf = float("nan"), float("inf")
+    assert cpu_ext.element_loss(0.5, 0.1) == pytest.approx(0.4)
+    assert cpu_ext.element_loss(-0.5, 0.1) == pytest.approx(0.4)
+    assert cpu_ext.element_loss(0.05, 0.1) == 0.0
+    assert math.isnan(cpu_ext.element_loss(nan, 0.1))
+    assert cpu_ext.element_loss(-inf, 0.1) == inf
+    assert [cpu_ext.pair_sign(g, 0.1) for g in (0.5, -0.5, 0.1, -0.1, 0.0)] == [1.0, -1.0, 0.0, 0.0, 0.0]
+    assert [cpu_ext.pair_sign(g, 0.0) for g in (1e-30, -1e-30, 0.0)] == [1.0, -1.0, 0.0]
+    assert math.isnan(cpu_ext.pair_sign(nan, 0.1)) and math.isnan(cpu_ext.pair_sign(inf, 0.1))
+
+
+@requires_twin
+@pytest.mark.parametrize("relation, tpf", [("full", 1), ("spatial", 7), ("temporal", 7), ("spatial", 1)])
+def test_keep_pair_matches_relation_mask(relation, tpf):
+    n = 35
+    spec = RelationSpec(1, n, relation, tpf if relation != "full" else 0)
+    mask = relation_mask(spec)
+    got = torch.tensor([[cpu_ext.keep_pair(CODES[relation], tpf, i, j) for j in range(n)] for i in range(n)])
+    assert torch.equal(got, mask)
+
+
+@requires_twin
+def test_tile_skipping_is_exact():
+    # A tile is skipped iff it holds no kept pair (brute force over small tiles).
+    tpf, n = 4, 24
+    for relation in ("spatial", "temporal"):
+        for r0, r1, c0, c1 in itertools.product(range(0, n, 3), range(n), range(0, n, 5), range(n)):
+            if r1 < r0 or c1 < c0:
+                continue
+            brute = any(cpu_ext.keep_pair(CODES[relation], tpf, i, j)
+                        for i in range(r0, r1 + 1) for j in range(c0, c1 + 1))
+            assert cpu_ext.tile_has_kept_pairs(CODES[relation], tpf, r0, r1, c0, c1) == brute
+
+
+COVERAGE_CASES = [  # (n, relation, frames, symmetric, splits), every split count a row-block count allows
+    (n, relation, frames, symmetric, splits)
+    for n, relation, frames in [(1, "full", None), (63, "spatial", 9), (64, "temporal", 8), (65, "full", None),
+                                (65, "spatial", 5), (65, "temporal", 13), (200, "full", None), (200, "spatial", 8),
+                                (200, "temporal", 40), (200, "spatial", 1), (200, "spatial", 200)]
+    for symmetric, splits in [(True, 1), (True, 2), (True, 3), (False, 1)]
+    if splits <= -(-n // 64)
+]
+
+
+@requires_twin
+@pytest.mark.parametrize("n, relation, frames, symmetric, splits", COVERAGE_CASES)
+def test_schedule_counts_every_kept_pair_once(n, relation, frames, symmetric, splits):
+    tpf = n // frames if frames else 1
+    counts = torch.frombuffer(bytearray(cpu_ext.schedule_coverage(n, CODES[relation], tpf, symmetric, splits)),
+                              dtype=torch.uint8).reshape(n, n)
+    spec = RelationSpec(1, n, relation, tpf if relation != "full" else 0)
+    assert torch.equal(counts, relation_mask(spec).to(torch.uint8))
+
+
+@requires_twin
+def test_launch_plan():
+    assert cpu_ext.plan(1, 8192, False, 132) == (128, 1)  # deterministic: never split
+    blocks, splits = cpu_ext.plan(1, 8192, True, 132)
+    assert blocks == 128 and 1 < splits <= 128 and blocks * splits >= 8 * 132
+    assert cpu_ext.plan(64, 8192, True, 132) == (128, 1)  # enough work items already
+    assert cpu_ext.plan(1, 10, True, 1000) == (1, 1)  # at most one split per column tile
+    for linear in range(2 * 3 * 5):
+        b, block, split = cpu_ext.decode_work(linear, 2, 3)
+        assert linear == (block * 3 + split) * 2 + b
+
+
+@requires_twin
+def test_offsets_are_64_bit():
+    assert cpu_ext.element_offset(3, 2**33, 5, 2**20, 7) == 3 * 2**33 + 5 * 2**20 + 7
+
+
+@requires_twin
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tensor_core_fragment_arithmetic(seed):
+    # Emulated ldmatrix.x4 / mma.m16n8k16 driven by the kernel's lane -> address helpers: every product
+    # (Gram S_I S_J^T, P X_J, P^T X_I) and the accumulator -> tile mapping must be exact.
+    assert cpu_ext.fragment_selftest(seed) == {"nt": 0, "nn": 0, "tn": 0, "tile_coverage": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU twin against the reference (through the full op: normalisation and reductions)
+# ---------------------------------------------------------------------------------------------------------
+
+@requires_twin
+@pytest.mark.parametrize("relation, frames", RELATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_twin_relations_and_reductions(twin_as_torch_backend, relation, frames, reduction, deterministic):
+    s, t = make_pair((2, 65, 40), 24, grad_teacher=True)  # odd N, Ds != Dt, both gradients
+    assert_matches_reference(twin_as_torch_backend, s, t, relation=relation, num_frames=frames,
+                             reduction=reduction, deterministic=deterministic)
+
+
+@requires_twin
+@pytest.mark.parametrize("shape, dt", [((1, 1, 3), 2), ((1, 3, 5), 7), ((3, 130, 16), 33), ((1, 200, 70), 8)])
+def test_twin_odd_shapes(twin_as_torch_backend, shape, dt):
+    s, t = make_pair(shape, dt, grad_teacher=True)
+    assert_matches_reference(twin_as_torch_backend, s, t, reduction="none")
+
+
+@requires_twin
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relation, frames", RELATIONS)
+def test_twin_half_inputs(twin_as_torch_backend, dtype, relation, frames):
+    s, t = make_pair((2, 60, 32), 24, dtype=dtype)
+    assert_matches_reference(twin_as_torch_backend, s, t, relation=relation, num_frames=frames)
+
+
+@requires_twin
+def test_twin_zero_token(twin_as_torch_backend):
+    s, t = make_pair((2, 33, 16), 16, grad_teacher=True)
+    with torch.no_grad():
+        s[0, 3].zero_()
+        t[1, 7].zero_()
+        s[1, 8].mul_(1e-14)  # below F.normalize's eps
+    assert_matches_reference(twin_as_torch_backend, s, t)
+
+
+@requires_twin
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_twin_propagates_nan(twin_as_torch_backend, deterministic):
+    s, t = make_pair((2, 70, 16), 12, grad_teacher=True)
+    with torch.no_grad():
+        s[0, 5, 3] = float("nan")
+    loss = trd_loss(s, t, reduction="none", backend=twin_as_torch_backend, deterministic=deterministic)
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
+    assert torch.isfinite(s.grad[1]).all() and torch.isfinite(t.grad[1]).all()
+
+
+@requires_twin
+def test_twin_schedules_and_splits_agree():
+    s, t = make_pair((2, 300, 24), 16, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="temporal", num_frames=5)
+    base = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic=True, threads=1)
+    for kwargs in (dict(threads=2), dict(threads=3, splits=2), dict(threads=1, splits=5)):
+        got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, **kwargs)
+        for a, b in zip(got, base):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    loss_only = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, False, False, threads=2)
+    assert loss_only[1] is None and loss_only[2] is None
+    torch.testing.assert_close(loss_only[0], base[0], rtol=1e-5, atol=1e-5)
+
+
+@requires_twin
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_twin_is_bitwise_repeatable(deterministic):
+    s, t = make_pair((2, 257, 40), 24, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="spatial", num_frames=1)
+    runs = [cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic, threads=3) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+@requires_twin
+def test_twin_strided_input_rows():
+    # Rows that do not start on 16-byte boundaries and a batch stride with padding.
+    base = torch.randn(3, 70, 41)
+    s = base[:, :, 1:34]  # [3, 70, 33], row stride 41
+    t = torch.randn(3, 70, 20)
+    fs, ft, spec = features(s, t)
+    assert fs.values.stride() == (70 * 41, 41, 1)
+    got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=2)
+    ref = cuda_backend.cpu_twin_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, False, threads=2)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], ref[:2]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA kernel's own code, run on the CPU by the warp/barrier emulator (_C_emulator)
+# ---------------------------------------------------------------------------------------------------------
+
+requires_emulator = pytest.mark.skipif(cuda_backend._emulator_ext is None,
+                                       reason="vrepa_kernels._C_emulator is not built (it is built with _C_cuda)")
+
+
+@pytest.fixture
+def emulated_as_torch_backend(monkeypatch):
+    def pair_kernel(name):
+        assert name == "torch"
+        return cuda_backend.emulated_pair_sums
+
+    monkeypatch.setattr(backends, "pair_kernel", pair_kernel)
+    return "torch"
+
+
+@requires_emulator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relation, frames", RELATIONS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_emulated_kernel_relations_dtypes(emulated_as_torch_backend, dtype, relation, frames, deterministic):
+    # 130 tokens: three row blocks, a ragged last one, and split work items in the symmetric schedule.
+    s, t = make_pair((2, 130, 40), 24, dtype=dtype, grad_teacher=True)
+    assert_matches_reference(emulated_as_torch_backend, s, t, relation=relation, num_frames=frames,
+                             deterministic=deterministic)
+
+
+@requires_emulator
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("shape, dt, dtype", [((1, 1, 3), 2, torch.float32), ((3, 70, 33), 17, torch.float32),
+                                              ((1, 3, 5), 7, torch.bfloat16), ((2, 66, 72), 130, torch.float16)])
+def test_emulated_kernel_odd_shapes(emulated_as_torch_backend, reduction, shape, dt, dtype):
+    # Ds = 33 fp32 / 72 fp16: rows off 16-byte boundaries or chunks past 64, element-wise staging paths.
+    s, t = make_pair(shape, dt, dtype=dtype, grad_teacher=True)
+    assert_matches_reference(emulated_as_torch_backend, s, t, reduction=reduction)
+
+
+@requires_emulator
+def test_emulated_kernel_zero_token_and_nan(emulated_as_torch_backend):
+    s, t = make_pair((2, 70, 16), 24, grad_teacher=True)
+    with torch.no_grad():
+        s[0, 3].zero_()
+        t[1, 7].zero_()
+        s[1, 8].mul_(1e-14)
+    assert_matches_reference(emulated_as_torch_backend, s, t)
+    with torch.no_grad():
+        s[0, 5, 3] = float("nan")
+    s.grad = t.grad = None
+    loss = trd_loss(s, t, reduction="none", backend=emulated_as_torch_backend)
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
+    assert torch.isfinite(s.grad[1]).all() and torch.isfinite(t.grad[1]).all()
+
+
+@requires_emulator
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_kernel_staging_paths_agree(dtype):
+    # Same values through 16-byte cp.async staging (contiguous) and element-wise staging (rows 130 bytes apart).
+    padded = torch.randn(2, 150, 65).to(dtype)
+    s = padded[:, :, :64]
+    t = torch.randn(2, 150, 40).to(dtype)
+    fs, ft, spec = features(s, t, relation="temporal", num_frames=3)
+    assert fs.values.stride(1) == 65
+    strided = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True)
+    contiguous = cuda_backend.emulated_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(strided, contiguous))
+
+
+@requires_emulator
+@pytest.mark.parametrize("order", [1, 7, 12345])
+@pytest.mark.parametrize("dtype, deterministic", [(torch.bfloat16, False), (torch.float32, True)])
+def test_emulated_kernel_is_order_independent(order, dtype, deterministic):
+    # Threads resumed in reverse or shuffled order: a shared-memory read that is not ordered by a barrier (or a
+    # cp.async not yet waited for) would see other data in some order.
+    s, t = make_pair((1, 140, 72), 40, dtype=dtype, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="temporal", num_frames=7)
+    forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic)
+    other = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic,
+                                            order=order)
+    assert all(torch.equal(a, b) for a, b in zip(forward, other))
+
+
+@requires_emulator
+def test_emulated_kernel_matches_twin_for_every_split():
+    s, t = make_pair((1, 200, 48), 32, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="spatial", num_frames=4)
+    twin = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, threads=1)
+    for kwargs in (dict(splits=1), dict(splits=2), dict(splits=4), dict(deterministic=True)):
+        emulated = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, **kwargs)
+        for a, b in zip(emulated, twin):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    loss_only = cuda_backend.emulated_pair_sums(fs, ft, spec, False, False)
+    torch.testing.assert_close(loss_only[0], twin[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA kernels (GPU only)
+# ---------------------------------------------------------------------------------------------------------
+
+requires_cuda_backend = pytest.mark.skipif(
+    not HAS_CUDA or cuda_backend.unavailable_reason(torch.device("cuda")) is not None,
+    reason="needs a CUDA device and the built extension")
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relation, frames", RELATIONS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_relations_dtypes(dtype, relation, frames, deterministic):
+    s, t = make_pair((2, 325, 40), 24, dtype=dtype, device="cuda", grad_teacher=True)
+    assert_matches_reference("cuda", s, t, relation=relation, num_frames=frames, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape, dt", [((1, 1, 3), 2), ((3, 130, 33), 17), ((37, 20), 12)])
+def test_gpu_odd_shapes_and_reductions(reduction, shape, dt):
+    s, t = make_pair(shape, dt, device="cuda", grad_teacher=True)
+    assert_matches_reference("cuda", s, t, reduction=reduction)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+def test_gpu_zero_token_and_nan():
+    s, t = make_pair((2, 100, 64), 32, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
+    with torch.no_grad():
+        s[0, 3].zero_()
+        t[1, 7].zero_()
+    assert_matches_reference("cuda", s, t)
+    with torch.no_grad():
+        s[0, 5, 3] = float("nan")
+    s.grad = t.grad = None
+    loss = trd_loss(s, t, reduction="none", backend="cuda")
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(s.grad[0]).any() and torch.isfinite(s.grad[1]).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("relation", ["full", "spatial", "temporal"])
+def test_gpu_videorepa_shape(dtype, relation):
+    s, t = make_pair((2, 24, 150, 768), 768, dtype=dtype, device="cuda")
+    assert_matches_reference("cuda", s, t, relation=relation)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+def test_gpu_student_wider_than_teacher():
+    s, t = make_pair((1, 1000, 1920), 768, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
+    assert_matches_reference("cuda", s, t, relation="temporal", num_frames=8)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+def test_gpu_deterministic_is_bitwise_repeatable():
+    s, t = make_pair((2, 3000, 768), 768, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(2):
+        s.grad = None
+        loss = trd_loss(s, t, backend="cuda", deterministic=True)
+        loss.backward()
+        runs.append((loss.detach().clone(), s.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+def test_gpu_matches_cpu_twin():
+    s, t = make_pair((2, 700, 96), 80, device="cuda", grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="spatial", num_frames=7)
+    gpu = cuda_backend.pair_sums(fs, ft, spec, True, True, deterministic=True)
+    cs, ct, _ = features(s.cpu(), t.cpu(), relation="spatial", num_frames=7)
+    twin = cuda_backend.cpu_twin_pair_sums(cs, ct, spec, True, True, deterministic=True)
+    for a, b in zip(gpu, twin):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_backend
+def test_gpu_side_stream_and_graph_capture():
+    s, t = make_pair((2, 1024, 256), 256, dtype=torch.bfloat16, device="cuda")
+    eager = trd_loss(s.detach(), t, backend="cuda", deterministic=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        side = trd_loss(s.detach(), t, backend="cuda", deterministic=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(side, eager)
+    s_static = s.detach().clone().requires_grad_(True)
+    with torch.cuda.stream(stream):
+        trd_loss(s_static, t, backend="cuda").backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = trd_loss(s_static, t, backend="cuda", deterministic=True)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, eager)
