@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo fuzz gpu-check clean
+.PHONY: test demo fuzz gpu-check gpu-tune clean
 
 # The compiled extensions (CMakeLists.txt, csrc/) are rebuilt by the editable install when their sources change.
 $(STAMP): setup.py pyproject.toml requirements-dev.txt CMakeLists.txt $(wildcard csrc/*)
@@ -30,6 +30,10 @@ fuzz: $(STAMP)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# On a GPU: measure the Triton tile configs and schedules, pin the fastest (commit the JSON it writes).
+gpu-tune:
+	python3 benchmarks/tune_triton.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

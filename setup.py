@@ -210,6 +210,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vrepa_kernels", "vrepa_kernels.*"]),
+    package_data={"vrepa_kernels": ["backends/*.json"]},
     ext_modules=[CMakeExtension(f"vrepa_kernels.{name}", part) for part, name in PARTS.items()],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",

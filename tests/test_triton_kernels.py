@@ -57,3 +57,19 @@ def test_spatial_frames_smaller_and_larger_than_a_tile():
     for frames in (2, 10):  # 40 and 8 tokens per frame against 32-token tiles
         s, t = make_pair((1, 80, 16), 16, device=DEVICE)
         assert_matches_reference("triton", s, t, relation="spatial", num_frames=frames)
+
+
+def test_pinned_configs_are_read_per_device_and_dtype(monkeypatch, tmp_path):
+    table = tmp_path / "triton_configs.json"
+    cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=2)
+    table.write_text('{"Fake GPU": {"bfloat16": {"row_owned": %s, "fastest": "row_owned"}}}'
+                     % str(cfg).replace("'", '"'))
+    monkeypatch.setattr(triton_kernels, "TUNED_CONFIGS", table)
+    triton_kernels._tuned.cache_clear()
+    try:
+        assert triton_kernels._tuned("Fake GPU", "bfloat16")["fastest"] == "row_owned"
+        assert triton_kernels._tuned("Fake GPU", "bfloat16")["row_owned"] == cfg
+        assert triton_kernels._tuned("Other GPU", "bfloat16") == {}
+        assert triton_kernels.default_schedule(torch.bfloat16, torch.device("cpu")) == "symmetric"
+    finally:
+        triton_kernels._tuned.cache_clear()

@@ -19,7 +19,10 @@ The loss alone (no gradient) always uses the symmetric schedule, which needs no 
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -171,10 +174,36 @@ if HAS_TRITON:
         tl.store(PARTIAL + batch * tl.num_programs(0) + tl.program_id(0), tl.sum(row_sums, axis=0))
 
 
-def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes and launch options. Pinned (not autotuned) so tests and runs are reproducible."""
+# Tile configs measured by benchmarks/tune_triton.py on a GPU, keyed by device name and dtype; absent
+# entries fall back to the defaults below.
+TUNED_CONFIGS = Path(__file__).with_name("triton_configs.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str, dtype_name: str) -> dict:
+    if not TUNED_CONFIGS.exists():
+        return {}
+    return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {}).get(dtype_name, {})
+
+
+def _tuned_for(dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return _tuned(torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""))
+
+
+def default_schedule(dtype: torch.dtype, device: torch.device) -> str:
+    """"symmetric" (atomics) or "row_owned" (no atomics) for training passes: whichever was measured faster."""
+    return _tuned_for(dtype, device).get("fastest", "symmetric")
+
+
+def kernel_config(dtype: torch.dtype, device: torch.device, symmetric: bool = True) -> dict:
+    """Tile sizes and launch options: pinned (never autotuned at run time) so runs are reproducible."""
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=1)
+    tuned = _tuned_for(dtype, device).get("symmetric" if symmetric else "row_owned")
+    if tuned:
+        return dict(tuned)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3)
@@ -206,8 +235,9 @@ def pair_sums(
     t_inv = teacher.inv_norm.float().contiguous()
     batch, n, ds = s.shape
     dt = t.shape[-1]
-    cfg = dict(config or kernel_config(s.dtype, s.device))
-    symmetric = not (need_s or need_t) or not deterministic
+    grad = need_s or need_t
+    symmetric = not grad or (not deterministic and default_schedule(s.dtype, s.device) == "symmetric")
+    cfg = dict(config or kernel_config(s.dtype, s.device, symmetric))
     if symmetric and cfg["BLOCK_M"] != cfg["BLOCK_N"]:
         raise ValueError(f"the symmetric schedule needs BLOCK_M == BLOCK_N, got {cfg}")
     if part is None:  # every row block; arange is a device op, so CUDA-graph capture stays legal

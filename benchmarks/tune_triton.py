@@ -1,0 +1,105 @@
+"""Measure the Triton backend's tile configs and schedules on this GPU; optionally pin the fastest.
+
+    python benchmarks/tune_triton.py                 # print the table (bf16, N = 17,550, D = 768)
+    python benchmarks/tune_triton.py --write         # also record the winners in
+                                                     # vrepa_kernels/backends/triton_configs.json
+
+Every candidate is first checked against the default config's result (loss and gradient), so a config
+that compiles but computes wrong values is never pinned. Timing: CUDA events, median of repeats after
+warm-up, one loss + student gradient pass (teacher frozen), as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vrepa_kernels.backends import triton_kernels  # noqa: E402
+from vrepa_kernels.function import Features  # noqa: E402
+from vrepa_kernels.relation import RelationSpec  # noqa: E402
+
+
+TILES = {True: [(64, 64), (128, 128)], False: [(64, 64), (64, 128), (128, 64), (128, 128), (64, 256)]}
+
+
+def candidates(symmetric: bool):
+    """About 16 symmetric and 40 row-owned configs: a few minutes per dtype on an H100."""
+    for (bm, bn), bd, warps, stages in itertools.product(TILES[symmetric], (64, 128), (4, 8), (2, 3)):
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def time_ms(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def tune(dtype: torch.dtype, n: int, d: int, reps: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(1, n, d, device="cuda", dtype=dtype, generator=gen)
+    t = (s.float() + torch.randn(1, n, d, device="cuda", generator=gen)).to(dtype)
+    feats_s, feats_t = Features.of(s), Features.of(t)
+    spec = RelationSpec(1, n, "full")
+    results = {}
+    for schedule, symmetric in (("symmetric", True), ("row_owned", False)):
+        run = lambda cfg: triton_kernels.pair_sums(feats_s, feats_t, spec, True, False, not symmetric, config=cfg)
+        base_sums, base_grad, _ = run(triton_kernels.kernel_config(dtype, s.device, symmetric))
+        rows = []
+        for cfg in candidates(symmetric):
+            try:
+                sums, grad, _ = run(cfg)
+                ok = (torch.allclose(sums, base_sums, rtol=1e-4)
+                      and torch.allclose(grad, base_grad, rtol=1e-3, atol=1e-3 * base_grad.abs().max().item()))
+                ms = time_ms(lambda: run(cfg), reps) if ok else float("nan")
+            except Exception as exc:  # out of resources, compile errors: record and go on
+                ok, ms = False, float("nan")
+                cfg = dict(cfg, error=type(exc).__name__)
+            rows.append((ms, ok, cfg))
+            print(f"{schedule:9s} {'ok ' if ok else 'BAD'} {ms:9.2f} ms  {cfg}", flush=True)
+        good = sorted((r for r in rows if r[1]), key=lambda r: r[0])
+        results[schedule] = good[0] if good else None
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=17_550)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--write", action="store_true", help="pin the winners in triton_configs.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("tune_triton.py needs a CUDA device")
+    device = torch.cuda.get_device_name()
+    table = json.loads(triton_kernels.TUNED_CONFIGS.read_text()) if triton_kernels.TUNED_CONFIGS.exists() else {}
+    for name in args.dtype:
+        best = tune(getattr(torch, name), args.n, args.d, args.reps)
+        entry = {k: v[2] for k, v in best.items() if v}
+        if len(entry) == 2:
+            entry["fastest"] = min(("symmetric", "row_owned"), key=lambda k: best[k][0])
+        entry["measured"] = {k: round(v[0], 3) for k, v in best.items() if v}
+        entry["shape"] = f"N={args.n} D={args.d}, loss + student gradient"
+        print(f"== {device} {name}: {json.dumps(entry)}")
+        table.setdefault(device, {})[name] = entry
+    if args.write:
+        triton_kernels.TUNED_CONFIGS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {triton_kernels.TUNED_CONFIGS}")
+
+
+if __name__ == "__main__":
+    main()
