@@ -4,6 +4,7 @@
     python benchmarks/run.py --gpu                        # the full GPU sweep (under ~6 min on an H100)
     python benchmarks/run.py --preset cpu --out DIR       # the full CPU sweep
     python benchmarks/run.py --n 1024 4096 --d 256 --dtype fp32 --mode fwd fwd+bwd --impls naive torch
+    python benchmarks/run.py --world-size 2 4 --n 4096 --relation full temporal --frames 16   # sequence parallel
 
 Writes results.json, results.md and time/memory plots to --out (default benchmarks/results/<device>-<date>)
 and prints the table. See benchmarks/README.md for what is measured.
@@ -72,6 +73,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--world-size", type=int, nargs="+",
+                   help="instead of the sweep, simulate sequence parallelism over this many gloo CPU processes "
+                        "(benchmarks/sequence_parallel.py; see its --help for the options it takes)")
     args = p.parse_args(argv)
     if args.quick:
         args.preset.append("quick")
@@ -237,6 +241,9 @@ def _derive(rec: Dict, case: Case, naive: Dict, mm_tflops: float, grad_mb: float
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
+    if any(a == "--world-size" or a.startswith("--world-size=") for a in (sys.argv[1:] if argv is None else argv)):
+        import sequence_parallel
+        return sequence_parallel.main(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
     try:

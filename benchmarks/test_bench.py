@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import impls as registry  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+import sequence_parallel  # noqa: E402
 from cases import Case, useful_flops  # noqa: E402
 from vrepa_kernels import trd_loss_reference  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
@@ -132,3 +133,48 @@ def test_gpu_target_checks_pick_the_best_fused_backend_and_name_oom():
     assert "vs naive 10.00× (target ≥ 8×: met)" in lines[0] and "vs compiled 4.00× (target ≥ 4×: met)" in lines[0]
     assert "of limit 60.00% (target ≥ 65%: MISSED by 8%)" in lines[0]
     assert lines[1] == "N=75600 fwd+bwd, best fused (triton): time 45.00 ms (target ≤ 40 ms: MISSED by 12%); naive: oom"
+
+
+SP_KEYS = {"world_size", "rank", "shard_sizes", "tokens", "time_ms_median", "time_ms_p25", "time_ms_p75",
+           "comm_ms_median", "cpu_ms_median", "pair_share", "gathered_bytes", "allreduced_bytes",
+           "wire_sent_bytes", "wire_recv_bytes", "analytic_gathered_bytes", "analytic_docstring_gathered_bytes",
+           "analytic_allreduced_bytes", "analytic_ring_wire_bytes", "single_time_ms_median",
+           "single_all_cores_time_ms_median", "loss_max_abs_diff", "grad_max_abs_diff", "threads_per_rank",
+           "device_name", "torch_version", "git_commit", "date"}
+
+
+def test_sequence_parallel_simulation_measures_the_documented_bytes(tmp_path, capsys):
+    # Uneven slices (19 + 29 tokens, frames of 12 straddle the ranks), Ds != Dt.
+    records = run.main(["--world-size", "2", "--n", "48", "--ds", "24", "--dt", "16", "--frames", "4",
+                        "--relation", "temporal", "--shards", "19,29", "--min-reps", "2", "--min-time", "0",
+                        "--max-time", "1", "--retries", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "sequence_parallel.json").read_text())
+    assert len(saved) == len(records) == 2 and [r["rank"] for r in saved] == [0, 1]
+    assert [r["tokens"] for r in saved] == [19, 29]
+    for rec in saved:
+        assert SP_KEYS <= rec.keys(), SP_KEYS - rec.keys()
+        assert rec["gathered_bytes"] == rec["analytic_gathered_bytes"] == 2 * 29 * (24 + 16) * 4  # padded
+        assert rec["analytic_docstring_gathered_bytes"] == 48 * (24 + 16) * 4
+        assert rec["allreduced_bytes"] == rec["analytic_docstring_allreduced_bytes"] == (1 + 48 * 24) * 4
+        assert rec["other_collectives"] == []
+        assert rec["loss_max_abs_diff"] < 1e-6 and rec["grad_max_abs_diff"] < 1e-6
+        assert rec["time_ms_median"] > 0 and rec["single_time_ms_median"] > 0
+        if rec["wire_sent_bytes"] is not None:  # Linux: the sockets carried at least the rank's own slices
+            assert rec["wire_sent_bytes"] >= rec["gather_sent_bytes"]
+        if rec["wire_recv_bytes"] is not None:
+            assert rec["wire_recv_bytes"] >= rec["gather_recv_bytes"]
+    assert sum(r["pair_share"] for r in saved) == pytest.approx(1.0)
+    assert "| case | W | rank |" in capsys.readouterr().out
+    assert (tmp_path / "sequence_parallel.md").stat().st_size > 0
+
+
+def test_sequence_parallel_formula_matches_the_docstring_for_even_slices():
+    case = Case(batch=3, frames=4, tokens_per_frame=10, ds=24, dt=8, dtype="bf16")
+    sizes = sequence_parallel.shard_sizes(case.n, 4, "even")
+    assert sizes == [10, 10, 10, 10]
+    formula = sequence_parallel.analytic_bytes(case, sizes)
+    assert formula["gathered_bytes"] == formula["docstring_gathered_bytes"] == 3 * 40 * 32 * 2
+    assert formula["allreduced_bytes"] == 3 * 4 + 3 * 40 * 24 * 4  # fp32 partial sums and gradients
+    assert sum(sequence_parallel.shard_sizes(41, 4, "uneven")) == 41
+    with pytest.raises(ValueError, match="--shards"):
+        sequence_parallel.shard_sizes(40, 2, "10,20")

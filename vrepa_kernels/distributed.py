@@ -5,7 +5,8 @@ differ in length; ``num_frames`` refers to the whole sequence, so a frame may st
 
 Per step, with N tokens in all:
 
-1. all-gather the slice sizes and the raw features: ``B * N * (Ds + Dt)`` elements per rank;
+1. all-gather each rank's shapes (5 int64 values) and the raw features, every slice padded to the
+   longest: ``W * B * max(N_r) * (Ds + Dt)`` elements (``B * N * (Ds + Dt)`` for even slices);
 2. each rank runs the blockwise kernel on its balanced share of the symmetric triangle of strips
    (``schedule.balance``), producing partial sums and partial gradients for every token;
 3. all-reduce the ``B`` partial sums and, when a gradient is needed, the ``B * N * D`` fp32 partial
