@@ -422,12 +422,11 @@ struct Fragments {
   float v[32][4][2];  // lane, 32-bit register, 16-bit half (low first)
 };
 
-using LaneToIndex = int (*)(int);
-
-// Lanes 8q..8q+7 hold the row addresses of matrix q. Without .trans lane l receives row l/4, elements
-// 2(l%4) and 2(l%4)+1 of each matrix; with .trans it receives element l/4 of rows 2(l%4) and 2(l%4)+1.
-Fragments emulate_ldmatrix_x4(const std::vector<float>& smem, int stride, int row_base, int col_base,
-                              LaneToIndex row_of, LaneToIndex col_of, bool trans) {
+// Lanes 8q..8q+7 hold the row addresses (element offsets: row_offset(lane)) of matrix q. Without .trans lane l
+// receives row l/4, elements 2(l%4) and 2(l%4)+1 of each matrix; with .trans it receives element l/4 of rows
+// 2(l%4) and 2(l%4)+1.
+template <class RowOffset>
+Fragments emulate_ldmatrix_x4(const std::vector<float>& smem, RowOffset row_offset, bool trans) {
   Fragments f;
   for (int q = 0; q < 4; ++q)
     for (int lane = 0; lane < 32; ++lane) {
@@ -435,8 +434,7 @@ Fragments emulate_ldmatrix_x4(const std::vector<float>& smem, int stride, int ro
       for (int e = 0; e < 2; ++e) {
         const int source_lane = 8 * q + (trans ? 2 * quad + e : group);
         const int element = trans ? group : 2 * quad + e;
-        f.v[lane][q][e] = smem[static_cast<size_t>((row_base + row_of(source_lane)) * stride + col_base +
-                                                   col_of(source_lane) + element)];
+        f.v[lane][q][e] = smem[static_cast<size_t>(row_offset(source_lane) + element)];
       }
     }
   return f;
@@ -479,11 +477,10 @@ int emulate_mma(float (&d)[32][4], const Fragments& a, const float (&b)[32][2][2
   return bad;
 }
 
-enum class Product { kNT, kNN, kTN };
-
-// One warp's 32x32 quarter, exactly as warp_product_{nt,nn,tn} in trd_kernel.cuh walk it. Returns the number
-// of wrong accumulator values (plus layout-coverage faults).
-int check_warp_product(Product kind, std::mt19937& rng) {
+// One warp's 32x32 quarter, exactly as mma_product in trd_kernel.cuh walks it for these operand layouts.
+// Returns the number of wrong accumulator values (plus layout-coverage faults).
+int check_warp_product(Layout a_layout, Layout b_layout, std::mt19937& rng) {
+  const bool a_depth_major = a_layout == Layout::kDepthMajor, b_depth_major = b_layout == Layout::kDepthMajor;
   const int stride = kChunk + 8;  // the bf16 shared-memory row stride
   std::uniform_int_distribution<int> small(-3, 3);
   std::vector<float> a(static_cast<size_t>(kTile * stride)), x(static_cast<size_t>(kTile * stride));
@@ -493,17 +490,13 @@ int check_warp_product(Product kind, std::mt19937& rng) {
   int bad = 0;
   for (int k = 0; k < kChunk; k += 16) {
     Fragments af[kMmaM];
-    for (int mi = 0; mi < kMmaM; ++mi) {
-      if (kind == Product::kTN)
-        af[mi] = emulate_ldmatrix_x4(a, stride, k, mi * 16, ldsm_at_row, ldsm_at_col, true);
-      else
-        af[mi] = emulate_ldmatrix_x4(a, stride, mi * 16, k, ldsm_a_row, ldsm_a_col, false);
-    }
+    for (int mi = 0; mi < kMmaM; ++mi)
+      af[mi] = emulate_ldmatrix_x4(
+          a, [&](int lane) { return ldsm_a_offset(a_layout, lane, mi * 16, k, stride); }, a_depth_major);
     float bf[kMmaN][32][2][2];
     for (int nj = 0; nj < kMmaN / 2; ++nj) {
-      const Fragments r = kind == Product::kNT
-                              ? emulate_ldmatrix_x4(x, stride, nj * 16, k, ldsm_b_row, ldsm_b_col, false)
-                              : emulate_ldmatrix_x4(x, stride, k, nj * 16, ldsm_bt_row, ldsm_bt_col, true);
+      const Fragments r = emulate_ldmatrix_x4(
+          x, [&](int lane) { return ldsm_b_offset(b_layout, lane, nj * 16, k, stride); }, b_depth_major);
       for (int lane = 0; lane < 32; ++lane)
         for (int e = 0; e < 2; ++e) {
           bf[2 * nj][lane][0][e] = r.v[lane][0][e];
@@ -522,10 +515,8 @@ int check_warp_product(Product kind, std::mt19937& rng) {
           const int row = mi * 16 + acc_row(lane, r), col = ni * 8 + acc_col(lane, r);
           float want = 0.0f;
           for (int k = 0; k < kChunk; ++k) {
-            const float lhs = kind == Product::kTN ? a[static_cast<size_t>(k * stride + row)]
-                                                   : a[static_cast<size_t>(row * stride + k)];
-            const float rhs = kind == Product::kNT ? x[static_cast<size_t>(col * stride + k)]
-                                                   : x[static_cast<size_t>(k * stride + col)];
+            const float lhs = a[static_cast<size_t>(a_depth_major ? k * stride + row : row * stride + k)];
+            const float rhs = x[static_cast<size_t>(b_depth_major ? k * stride + col : col * stride + k)];
             want += lhs * rhs;
           }
           bad += acc[mi][ni][lane][r] != want;
@@ -536,9 +527,10 @@ int check_warp_product(Product kind, std::mt19937& rng) {
 py::dict fragment_selftest(unsigned seed) {
   std::mt19937 rng(seed);
   py::dict out;
-  out["nt"] = check_warp_product(Product::kNT, rng);
-  out["nn"] = check_warp_product(Product::kNN, rng);
-  out["tn"] = check_warp_product(Product::kTN, rng);
+  // The kernel's three products: Gram S_I S_J^T, P U_J, P^T U_I.
+  out["nt"] = check_warp_product(Layout::kOutputMajor, Layout::kOutputMajor, rng);
+  out["nn"] = check_warp_product(Layout::kOutputMajor, Layout::kDepthMajor, rng);
+  out["tn"] = check_warp_product(Layout::kDepthMajor, Layout::kDepthMajor, rng);
   // Every thread's accumulators must tile the 64x64 output exactly once.
   std::vector<int> hits(kTile * kTile, 0);
   for (int thread = 0; thread < kThreads; ++thread)
@@ -560,25 +552,15 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "CPU twin of the CUDA TRD kernel, and probes of the logic it shares with the kernel.";
   m.attr("tile") = kTile;
 
-  m.def(
-      "pair_sums",
-      [](uintptr_t s, uintptr_t t, uintptr_t s_inv, uintptr_t t_inv, uintptr_t grad_s, uintptr_t grad_t,
-         uintptr_t partial, int dtype, int64_t batch, int64_t n, int64_t ds, int64_t dt, py::tuple s_strides,
-         py::tuple t_strides, py::tuple gs_strides, py::tuple gt_strides, int relation, int64_t tokens_per_frame,
-         double margin, bool symmetric, int64_t splits, int threads) {
-        TrdArgs args = make_args(s, t, s_inv, t_inv, grad_s, grad_t, partial, batch, n, ds, dt, s_strides,
-                                 t_strides, gs_strides, gt_strides, relation, tokens_per_frame, margin, symmetric,
-                                 splits);
-        const std::string bad = check_args(args, dtype);
-        if (!bad.empty()) throw py::value_error(bad);
+  def_pair_sums<int>(
+      m, "CPU twin of the CUDA pair_sums: writes per-work-item sums to `partial` and the scaled gradients.",
+      [](const TrdArgs& args, int dtype, int threads) {
         if (threads < 1) throw py::value_error("threads must be >= 1");
         py::gil_scoped_release release;
         cpu_pair_sums(args, dtype, threads);
       },
-      VREPA_PAIR_SUMS_ARGS, py::arg("threads"),
-      "CPU twin of the CUDA pair_sums: writes per-work-item sums to `partial` and the scaled gradients.");
-  m.def("plan", &launch_plan, py::arg("batch"), py::arg("n"), py::arg("symmetric"), py::arg("parallel_units"),
-        "(row_blocks, splits) for a launch.");
+      py::arg("threads"));
+  def_plan(m, "(row_blocks, splits) for a launch.");
   m.def("element_loss", &element_loss, py::arg("gap"), py::arg("margin"));
   m.def("pair_sign", &pair_sign, py::arg("gap"), py::arg("margin"));
   m.def("keep_pair", &keep_pair, py::arg("relation"), py::arg("tokens_per_frame"), py::arg("i"), py::arg("j"));

@@ -21,17 +21,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("cuda_runtime_version") = cuda_runtime_version();
   m.attr("tile") = kTile;
 
-  m.def(
-      "pair_sums",
-      [](uintptr_t s, uintptr_t t, uintptr_t s_inv, uintptr_t t_inv, uintptr_t grad_s, uintptr_t grad_t,
-         uintptr_t partial, int dtype, int64_t batch, int64_t n, int64_t ds, int64_t dt, py::tuple s_strides,
-         py::tuple t_strides, py::tuple gs_strides, py::tuple gt_strides, int relation, int64_t tokens_per_frame,
-         double margin, bool symmetric, int64_t splits, int device, uintptr_t stream) {
-        TrdArgs args = make_args(s, t, s_inv, t_inv, grad_s, grad_t, partial, batch, n, ds, dt, s_strides,
-                                 t_strides, gs_strides, gt_strides, relation, tokens_per_frame, margin, symmetric,
-                                 splits);
-        const std::string bad = check_args(args, dtype);
-        if (!bad.empty()) throw py::value_error(bad);
+  def_pair_sums<int, uintptr_t>(
+      m, "Accumulate per-work-item loss sums into `partial` and d sum/d s (t) into grad_s (grad_t), on `stream`.",
+      [](const TrdArgs& args, int dtype, int device, uintptr_t stream) {
         std::string err;
         {
           py::gil_scoped_release release;
@@ -39,10 +31,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         }
         if (!err.empty()) throw std::runtime_error(err);
       },
-      VREPA_PAIR_SUMS_ARGS, py::arg("device"), py::arg("stream"),
-      "Accumulate per-work-item loss sums into `partial` and d sum/d s (t) into grad_s (grad_t), on `stream`.");
-  m.def("plan", &launch_plan, py::arg("batch"), py::arg("n"), py::arg("symmetric"), py::arg("parallel_units"),
-        "(row_blocks, splits) for a launch; parallel_units is the device's multiprocessor count.");
+      py::arg("device"), py::arg("stream"));
+  def_plan(m, "(row_blocks, splits) for a launch; parallel_units is the device's multiprocessor count.");
   m.def("device_problem", &cuda_device_problem, py::arg("device"),
         "Empty string when the kernels can run on `device`, else why not.");
   m.def(

@@ -347,26 +347,16 @@ using namespace vrepa;
 
 PYBIND11_MODULE(_C_emulator, m) {
   m.doc() = "The CUDA kernel's code run on the CPU by a warp/barrier emulator (tests only; tiny shapes).";
-  m.def(
-      "pair_sums",
-      [](uintptr_t s, uintptr_t t, uintptr_t s_inv, uintptr_t t_inv, uintptr_t grad_s, uintptr_t grad_t,
-         uintptr_t partial, int dtype, int64_t batch, int64_t n, int64_t ds, int64_t dt, py::tuple s_strides,
-         py::tuple t_strides, py::tuple gs_strides, py::tuple gt_strides, int relation, int64_t tokens_per_frame,
-         double margin, bool symmetric, int64_t splits, int order) {
-        TrdArgs args = make_args(s, t, s_inv, t_inv, grad_s, grad_t, partial, batch, n, ds, dt, s_strides,
-                                 t_strides, gs_strides, gt_strides, relation, tokens_per_frame, margin, symmetric,
-                                 splits);
+  def_pair_sums<int>(
+      m, "The CUDA kernel on host memory, emulated; same arguments as _C_cuda.pair_sums, plus the thread order.",
+      [](TrdArgs& args, int dtype, int order) {
         fill_alignment(args, dtype);
-        const std::string bad = check_args(args, dtype);
-        if (!bad.empty()) throw py::value_error(bad);
         std::string err;
         if (dtype == kFloat32) err = emulate<float>(args, dtype, order);
         if (dtype == kBFloat16) err = emulate<__nv_bfloat16>(args, dtype, order);
         if (dtype == kFloat16) err = emulate<__half>(args, dtype, order);
         if (!err.empty()) throw std::runtime_error("emulated kernel: " + err);
       },
-      VREPA_PAIR_SUMS_ARGS, py::arg("order") = 0,
-      "The CUDA kernel on host memory, emulated; same arguments as _C_cuda.pair_sums, plus the thread order.");
-  m.def("plan", &launch_plan, py::arg("batch"), py::arg("n"), py::arg("symmetric"), py::arg("parallel_units"),
-        "(row_blocks, splits) for a launch.");
+      py::arg("order") = 0);
+  def_plan(m, "(row_blocks, splits) for a launch.");
 }

@@ -99,172 +99,135 @@ __device__ __forceinline__ void store_pair(__half* dst, float a, float b) {
 using Acc = float[kMmaM][kMmaN][4];
 
 // ---------------------------------------------------------------------------------------------------
-// Warp-level products of one 64-deep slice. Each warp owns a 32x32 output quarter; the tile pointers
-// passed in already point at that warp's rows (M) and columns (N). The register loops mirror the
-// emulation in trd_cpu.cpp (fragment_selftest), which checks the lane -> address arithmetic.
+// Warp-level products of one 64-deep slice: acc[m][n] += sum_k A(m, k) B(n, k), each operand stored as its
+// Layout says (A [m][k] or [k][m], B [n][k] or [k][n]). Each warp owns a 32x32 output quarter; the tile
+// pointers passed in already point at that warp's rows (M) and columns (N). The register loops mirror the
+// emulation in trd_cpu.cpp (fragment_selftest), which checks the lane -> address arithmetic (ldsm_{a,b}_offset).
 // ---------------------------------------------------------------------------------------------------
 
-// acc += A B^T with A an [m][k] tile and B an [n][k] tile (the Gram product S_I S_J^T).
-template <class T>
-__device__ __forceinline__ void warp_product_nt(Acc& acc, const T* a, const T* b, int lane) {
-  constexpr int S = smem_stride<T>();
-  if constexpr (ElementTraits<T>::kTensorCores) {
-#pragma unroll
-    for (int k = 0; k < kChunk; k += 16) {
-      uint32_t af[kMmaM][4], bf[kMmaN][2];
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi) {
-        ldsm_x4(af[mi], a + (mi * 16 + ldsm_a_row(lane)) * S + k + ldsm_a_col(lane));
-      }
-#pragma unroll
-      for (int nj = 0; nj < kMmaN / 2; ++nj) {
-        uint32_t r[4];
-        ldsm_x4(r, b + (nj * 16 + ldsm_b_row(lane)) * S + k + ldsm_b_col(lane));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
-    }
+constexpr int kDepth = kChunk;  // depth of one product: a feature chunk (Gram) or a tile's tokens (gradient)
+
+template <Layout kLayout>
+__device__ __forceinline__ void ldsm_x4_of(uint32_t (&r)[4], const void* p) {
+  if constexpr (kLayout == Layout::kDepthMajor) {
+    ldsm_x4_trans(r, p);
   } else {
-#pragma unroll 2
-    for (int k = 0; k < kChunk; k += 4) {
-      float4 av[kMmaM][2], bv[kMmaN][2];
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          av[mi][h] = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * S + k);
-#pragma unroll
-      for (int ni = 0; ni < kMmaN; ++ni)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * S + k);
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kMmaN; ++ni)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const float4 x = av[mi][r >> 1], y = bv[ni][r & 1];
-            float v = acc[mi][ni][r];
-            v = fmaf(x.x, y.x, v);
-            v = fmaf(x.y, y.y, v);
-            v = fmaf(x.z, y.z, v);
-            v = fmaf(x.w, y.w, v);
-            acc[mi][ni][r] = v;
-          }
-    }
+    ldsm_x4(r, p);
   }
 }
 
-// acc += A X with A an [m][k] tile (P) and X a [k][n] tile (feature chunk of the column tokens).
-template <class T>
-__device__ __forceinline__ void warp_product_nn(Acc& acc, const T* a, const T* x, int lane) {
+// bf16/fp16: ldmatrix fragments and mma.sync.
+template <Layout kA, Layout kB, class T>
+__device__ __forceinline__ void mma_product(Acc& acc, const T* a, const T* b, int lane) {
   constexpr int S = smem_stride<T>();
-  if constexpr (ElementTraits<T>::kTensorCores) {
 #pragma unroll
-    for (int k = 0; k < kTile; k += 16) {
-      uint32_t af[kMmaM][4], bf[kMmaN][2];
+  for (int k = 0; k < kDepth; k += 16) {
+    uint32_t af[kMmaM][4], bf[kMmaN][2];
 #pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi) ldsm_x4(af[mi], a + (mi * 16 + ldsm_a_row(lane)) * S + k + ldsm_a_col(lane));
+    for (int mi = 0; mi < kMmaM; ++mi) ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, S));
 #pragma unroll
-      for (int nj = 0; nj < kMmaN / 2; ++nj) {
-        uint32_t r[4];
-        ldsm_x4_trans(r, x + (k + ldsm_bt_row(lane)) * S + nj * 16 + ldsm_bt_col(lane));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
+    for (int nj = 0; nj < kMmaN / 2; ++nj) {
+      uint32_t r[4];
+      ldsm_x4_of<kB>(r, b + ldsm_b_offset(kB, lane, nj * 16, k, S));
+      bf[2 * nj][0] = r[0];
+      bf[2 * nj][1] = r[1];
+      bf[2 * nj + 1][0] = r[2];
+      bf[2 * nj + 1][1] = r[3];
     }
-  } else {
-#pragma unroll 2
-    for (int k = 0; k < kTile; k += 4) {
-      float4 av[kMmaM][2];
 #pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
+    for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          av[mi][h] = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * S + k);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        float2 xv[kMmaN];
-#pragma unroll
-        for (int ni = 0; ni < kMmaN; ++ni)
-          xv[ni] = *reinterpret_cast<const float2*>(x + (k + kk) * S + ni * 8 + acc_col(lane, 0));
-#pragma unroll
-        for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float4 p4 = av[mi][h];
-            const float p = kk == 0 ? p4.x : kk == 1 ? p4.y : kk == 2 ? p4.z : p4.w;
-#pragma unroll
-            for (int ni = 0; ni < kMmaN; ++ni) {
-              acc[mi][ni][2 * h] = fmaf(p, xv[ni].x, acc[mi][ni][2 * h]);
-              acc[mi][ni][2 * h + 1] = fmaf(p, xv[ni].y, acc[mi][ni][2 * h + 1]);
-            }
-          }
-      }
-    }
+      for (int ni = 0; ni < kMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
   }
 }
 
-// acc += A^T X with A a [k][m] tile (P read transposed) and X a [k][n] tile (feature chunk of the row tokens).
-template <class T>
-__device__ __forceinline__ void warp_product_tn(Acc& acc, const T* a, const T* x, int lane) {
-  constexpr int S = smem_stride<T>();
-  if constexpr (ElementTraits<T>::kTensorCores) {
+// fp32, both operands output-major (the Gram product): 4-deep dot products from float4 rows.
+__device__ __forceinline__ void fma_product_rows(Acc& acc, const float* a, const float* b, int lane) {
+  constexpr int S = smem_stride<float>();
+#pragma unroll 2
+  for (int k = 0; k < kDepth; k += 4) {
+    float4 av[kMmaM][2], bv[kMmaN][2];
 #pragma unroll
-    for (int k = 0; k < kTile; k += 16) {
-      uint32_t af[kMmaM][4], bf[kMmaN][2];
+    for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-        ldsm_x4_trans(af[mi], a + (k + ldsm_at_row(lane)) * S + mi * 16 + ldsm_at_col(lane));
+      for (int h = 0; h < 2; ++h)
+        av[mi][h] = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * S + k);
 #pragma unroll
-      for (int nj = 0; nj < kMmaN / 2; ++nj) {
-        uint32_t r[4];
-        ldsm_x4_trans(r, x + (k + ldsm_bt_row(lane)) * S + nj * 16 + ldsm_bt_col(lane));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
+    for (int ni = 0; ni < kMmaN; ++ni)
 #pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
+      for (int e = 0; e < 2; ++e)
+        bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * S + k);
 #pragma unroll
-        for (int ni = 0; ni < kMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
-    }
-  } else {
-#pragma unroll 4
-    for (int k = 0; k < kTile; ++k) {
-      float pv[kMmaM][2];
-      float2 xv[kMmaN];
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) pv[mi][h] = a[k * S + mi * 16 + acc_row(lane, 2 * h)];
+    for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
       for (int ni = 0; ni < kMmaN; ++ni)
-        xv[ni] = *reinterpret_cast<const float2*>(x + k * S + ni * 8 + acc_col(lane, 0));
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float4 x = av[mi][r >> 1], y = bv[ni][r & 1];
+          float v = acc[mi][ni][r];
+          v = fmaf(x.x, y.x, v);
+          v = fmaf(x.y, y.y, v);
+          v = fmaf(x.z, y.z, v);
+          v = fmaf(x.w, y.w, v);
+          acc[mi][ni][r] = v;
+        }
+  }
+}
+
+// fp32 A values of output row m at depths k..k+3.
+template <Layout kA>
+__device__ __forceinline__ float4 fma_a_values(const float* a, int m, int k) {
+  constexpr int S = smem_stride<float>();
+  if constexpr (kA == Layout::kDepthMajor) {
+    return make_float4(a[k * S + m], a[(k + 1) * S + m], a[(k + 2) * S + m], a[(k + 3) * S + m]);
+  } else {
+    return *reinterpret_cast<const float4*>(a + m * S + k);
+  }
+}
+
+// fp32, B depth-major (the gradient products): rank-1 updates with float2 rows of B. Unrolled 8 deep from
+// float4 rows of A, 4 deep from scalar columns.
+template <Layout kA>
+__device__ __forceinline__ void fma_product_outer(Acc& acc, const float* a, const float* b, int lane) {
+  constexpr int S = smem_stride<float>();
+#pragma unroll(kA == Layout::kDepthMajor ? 1 : 2)
+  for (int k = 0; k < kDepth; k += 4) {
+    float4 av[kMmaM][2];
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) av[mi][h] = fma_a_values<kA>(a, mi * 16 + acc_row(lane, 2 * h), k);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      float2 bv[kMmaN];
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni)
+        bv[ni] = *reinterpret_cast<const float2*>(b + (k + kk) * S + ni * 8 + acc_col(lane, 0));
 #pragma unroll
       for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h) {
+          const float4 a4 = av[mi][h];
+          const float p = kk == 0 ? a4.x : kk == 1 ? a4.y : kk == 2 ? a4.z : a4.w;
 #pragma unroll
           for (int ni = 0; ni < kMmaN; ++ni) {
-            acc[mi][ni][2 * h] = fmaf(pv[mi][h], xv[ni].x, acc[mi][ni][2 * h]);
-            acc[mi][ni][2 * h + 1] = fmaf(pv[mi][h], xv[ni].y, acc[mi][ni][2 * h + 1]);
+            acc[mi][ni][2 * h] = fmaf(p, bv[ni].x, acc[mi][ni][2 * h]);
+            acc[mi][ni][2 * h + 1] = fmaf(p, bv[ni].y, acc[mi][ni][2 * h + 1]);
           }
+        }
     }
+  }
+}
+
+template <Layout kA, Layout kB, class T>
+__device__ __forceinline__ void warp_product(Acc& acc, const T* a, const T* b, int lane) {
+  if constexpr (ElementTraits<T>::kTensorCores) {
+    mma_product<kA, kB>(acc, a, b, lane);
+  } else if constexpr (kB == Layout::kOutputMajor) {
+    static_assert(kA == Layout::kOutputMajor, "fp32 products with B [n][k] take A [m][k]");
+    fma_product_rows(acc, a, b, lane);
+  } else {
+    fma_product_outer<kA>(acc, a, b, lane);
   }
 }
 
@@ -315,6 +278,18 @@ __device__ __forceinline__ void scale_staged_rows(T* tile, const float* inv, int
   }
 }
 
+// Step c of the two-stage cp.async pipeline over `chunks` chunks (chunk 0 issued before the loop): issues
+// chunk c + 1, then waits until this thread's copies of chunk c have landed (a barrier publishes them).
+template <class Issue>
+__device__ __forceinline__ void issue_next_wait_current(const Issue& issue, int c, int chunks) {
+  if (c + 1 < chunks) {
+    issue(c + 1);
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
 struct Operand {
   const void* base;  // this sample's rows
   const float* inv;  // this sample's inverse row norms
@@ -358,24 +333,15 @@ __device__ __forceinline__ void gram_tile(Acc& gap, const Operand& s, const Oper
     stage_tile(rows + kElems, base, stride_n, col0, col_end, k0, dim, vec16);
     cp_async_commit();
   };
-  Acc acc;
-#pragma unroll
-  for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < kMmaN; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  Acc acc = {};
   issue(0);
   for (int c = 0; c < chunks; ++c) {
-    if (c + 1 < chunks) {
-      issue(c + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    issue_next_wait_current(issue, c, chunks);
     block_sync();
     const T* rows = smem + (c & 1) * 2 * kElems;
-    warp_product_nt<T>(acc, rows + warp_row0(warp) * S, rows + kElems + warp_col0(warp) * S, lane);
+    // S_I S_J^T: A [row token][feature], B [column token][feature]
+    warp_product<Layout::kOutputMajor, Layout::kOutputMajor>(acc, rows + warp_row0(warp) * S,
+                                                             rows + kElems + warp_col0(warp) * S, lane);
     block_sync();  // the stage is refilled two chunks later
     if (c == s_chunks - 1) {  // student done: gap = Gs, accumulator restarts for the teacher
 #pragma unroll
@@ -446,26 +412,23 @@ __device__ __forceinline__ void gradient_tile(const T* p_tile, const Operand& x,
   };
   issue(0);
   for (int c = 0; c < chunks; ++c) {
-    if (c + 1 < chunks) {
-      issue(c + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    issue_next_wait_current(issue, c, chunks);
     T* cols = smem + (c & 1) * 2 * kElems;
     scale_staged_rows(cols, x.inv, col0, col_end);
     if (mirror) scale_staged_rows(cols + kElems, x.inv, row0, n);
     block_sync();
     {
       Acc out = {};
-      // rows of P for this warp's tokens of I; this warp's feature columns of the chunk
-      warp_product_nn<T>(out, p_tile + warp_row0(warp) * S, cols + warp_col0(warp), lane);
+      // P U_J: A = this warp's rows of P [i][j], B = this warp's features of U_J [j][feature]
+      warp_product<Layout::kOutputMajor, Layout::kDepthMajor>(out, p_tile + warp_row0(warp) * S,
+                                                              cols + warp_col0(warp), lane);
       add_to_gradient(out, g, g_stride_n, row0, n, c * kChunk, x.dim, scale, atomic);
     }
     if (mirror) {
       Acc out = {};
-      // P^T: this warp's output rows are tokens of J, i.e. columns of P
-      warp_product_tn<T>(out, p_tile + warp_row0(warp), cols + kElems + warp_col0(warp), lane);
+      // P^T U_I: A = this warp's columns of P [i][j] (its output rows are tokens of J), B = U_I [i][feature]
+      warp_product<Layout::kDepthMajor, Layout::kDepthMajor>(out, p_tile + warp_row0(warp),
+                                                             cols + kElems + warp_col0(warp), lane);
       add_to_gradient(out, g, g_stride_n, col0, col_end, c * kChunk, x.dim, scale, true);
     }
     block_sync();

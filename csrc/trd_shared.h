@@ -176,6 +176,22 @@ VREPA_HD int ldsm_b_col(int lane) { return ((lane >> 3) & 1) << 3; }           /
 VREPA_HD int ldsm_bt_row(int lane) { return lane & 15; }            // k
 VREPA_HD int ldsm_bt_col(int lane) { return (lane >> 4) << 3; }     // n
 
+// How a product operand is stored in shared memory: one row per output index (A: [m][k], B: [n][k]) or one
+// row per depth index (A: [k][m], B: [k][n]; read by ldmatrix with .trans).
+enum class Layout : int { kOutputMajor = 0, kDepthMajor = 1 };
+
+// Element offset of the row address `lane` hands ldmatrix.x4 for the 16x16 block at output index o0 and depth
+// k0 of an operand with row stride `stride`: A gives registers a0..a3, B the (b0, b1) of two adjacent n-tiles.
+// The kernel passes `layout` as a compile-time constant, so the select folds away.
+VREPA_HD int ldsm_a_offset(Layout layout, int lane, int o0, int k0, int stride) {
+  return layout == Layout::kDepthMajor ? (k0 + ldsm_at_row(lane)) * stride + o0 + ldsm_at_col(lane)
+                                       : (o0 + ldsm_a_row(lane)) * stride + k0 + ldsm_a_col(lane);
+}
+VREPA_HD int ldsm_b_offset(Layout layout, int lane, int o0, int k0, int stride) {
+  return layout == Layout::kDepthMajor ? (k0 + ldsm_bt_row(lane)) * stride + o0 + ldsm_bt_col(lane)
+                                       : (o0 + ldsm_b_row(lane)) * stride + k0 + ldsm_b_col(lane);
+}
+
 // Warp layout of every 64x64 output tile: 4 warps as 2 x 2, each owning a 32x32 quarter made of
 // 2 x 4 MMA tiles of 16x8.
 constexpr int kWarps = 4;

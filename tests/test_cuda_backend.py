@@ -29,15 +29,43 @@ def features(s, t, **kwargs):
     return Features.of(s3), Features.of(t3), spec
 
 
-@pytest.fixture
-def twin_as_torch_backend(monkeypatch):
-    """Route backend='torch' through the CPU twin, so the full op (normalisation, reductions) runs on it."""
+def route_torch_backend(monkeypatch, kernel):
+    """Route backend='torch' through ``kernel``, so the full op (normalisation, reductions) runs on it."""
     def pair_kernel(name):
         assert name == "torch"
-        return lambda *args: cuda_backend.cpu_twin_pair_sums(*args, threads=2)
+        return kernel
 
     monkeypatch.setattr(backends, "pair_kernel", pair_kernel)
     return "torch"
+
+
+@pytest.fixture
+def twin_as_torch_backend(monkeypatch):
+    return route_torch_backend(monkeypatch, lambda *args: cuda_backend.cpu_twin_pair_sums(*args, threads=2))
+
+
+def assert_results_equal(got, want):
+    """Two pair_sums results (sums, grad_s, grad_t) agree bit for bit."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def check_zero_tokens_and_nan(backend, s, t, deterministic=False):
+    """Zero rows (and one below F.normalize's eps) match the reference; a NaN spoils its own sample only."""
+    with torch.no_grad():
+        s[0, 3].zero_()
+        t[1, 7].zero_()
+        s[1, 8].mul_(1e-14)
+    assert_matches_reference(backend, s, t, deterministic=deterministic)
+    with torch.no_grad():
+        s[0, 5, 3] = float("nan")
+    s.grad = t.grad = None
+    loss = trd_loss(s, t, reduction="none", backend=backend, deterministic=deterministic)
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
+    assert torch.isfinite(s.grad[1]).all() and torch.isfinite(t.grad[1]).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,26 +258,10 @@ def test_twin_half_inputs(twin_as_torch_backend, dtype, relation, frames):
 
 
 @requires_twin
-def test_twin_zero_token(twin_as_torch_backend):
-    s, t = make_pair((2, 33, 16), 16, grad_teacher=True)
-    with torch.no_grad():
-        s[0, 3].zero_()
-        t[1, 7].zero_()
-        s[1, 8].mul_(1e-14)  # below F.normalize's eps
-    assert_matches_reference(twin_as_torch_backend, s, t)
-
-
-@requires_twin
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_twin_propagates_nan(twin_as_torch_backend, deterministic):
-    s, t = make_pair((2, 70, 16), 12, grad_teacher=True)
-    with torch.no_grad():
-        s[0, 5, 3] = float("nan")
-    loss = trd_loss(s, t, reduction="none", backend=twin_as_torch_backend, deterministic=deterministic)
-    loss.sum().backward()
-    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
-    assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
-    assert torch.isfinite(s.grad[1]).all() and torch.isfinite(t.grad[1]).all()
+def test_twin_zero_tokens_and_nan(twin_as_torch_backend, deterministic):
+    s, t = make_pair((2, 70, 16), 12, grad_teacher=True)  # two row blocks: NaN reaches a mirrored tile
+    check_zero_tokens_and_nan(twin_as_torch_backend, s, t, deterministic)
 
 
 @requires_twin
@@ -273,7 +285,7 @@ def test_twin_is_bitwise_repeatable(deterministic):
     fs, ft, spec = features(s, t, relation="spatial", num_frames=1)
     runs = [cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic, threads=3) for _ in range(3)]
     for run in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+        assert_results_equal(run, runs[0])
 
 
 @requires_twin
@@ -286,7 +298,7 @@ def test_twin_strided_input_rows():
     assert fs.values.stride() == (70 * 41, 41, 1)
     got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=2)
     ref = cuda_backend.cpu_twin_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, False, threads=2)
-    assert all(torch.equal(a, b) for a, b in zip(got[:2], ref[:2]))
+    assert_results_equal(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,12 +311,7 @@ requires_emulator = pytest.mark.skipif(cuda_backend._emulator_ext is None,
 
 @pytest.fixture
 def emulated_as_torch_backend(monkeypatch):
-    def pair_kernel(name):
-        assert name == "torch"
-        return cuda_backend.emulated_pair_sums
-
-    monkeypatch.setattr(backends, "pair_kernel", pair_kernel)
-    return "torch"
+    return route_torch_backend(monkeypatch, cuda_backend.emulated_pair_sums)
 
 
 @requires_emulator
@@ -329,21 +336,9 @@ def test_emulated_kernel_odd_shapes(emulated_as_torch_backend, reduction, shape,
 
 
 @requires_emulator
-def test_emulated_kernel_zero_token_and_nan(emulated_as_torch_backend):
+def test_emulated_kernel_zero_tokens_and_nan(emulated_as_torch_backend):
     s, t = make_pair((2, 70, 16), 24, grad_teacher=True)
-    with torch.no_grad():
-        s[0, 3].zero_()
-        t[1, 7].zero_()
-        s[1, 8].mul_(1e-14)
-    assert_matches_reference(emulated_as_torch_backend, s, t)
-    with torch.no_grad():
-        s[0, 5, 3] = float("nan")
-    s.grad = t.grad = None
-    loss = trd_loss(s, t, reduction="none", backend=emulated_as_torch_backend)
-    loss.sum().backward()
-    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
-    assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
-    assert torch.isfinite(s.grad[1]).all() and torch.isfinite(t.grad[1]).all()
+    check_zero_tokens_and_nan(emulated_as_torch_backend, s, t)
 
 
 @requires_emulator
@@ -357,7 +352,7 @@ def test_emulated_kernel_staging_paths_agree(dtype):
     assert fs.values.stride(1) == 65
     strided = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True)
     contiguous = cuda_backend.emulated_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, True)
-    assert all(torch.equal(a, b) for a, b in zip(strided, contiguous))
+    assert_results_equal(strided, contiguous)
 
 
 @requires_emulator
@@ -371,7 +366,7 @@ def test_emulated_kernel_is_order_independent(order, dtype, deterministic):
     forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic)
     other = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic,
                                             order=order)
-    assert all(torch.equal(a, b) for a, b in zip(forward, other))
+    assert_results_equal(forward, other)
 
 
 @requires_emulator
@@ -388,16 +383,21 @@ def test_emulated_kernel_matches_twin_for_every_split():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The CUDA kernels (GPU only)
+# The CUDA kernels (GPU only; the VideoREPA-shaped, wide-student and 17,550-token cases of backend='cuda'
+# are in test_gpu.py, with the other backends)
 # ---------------------------------------------------------------------------------------------------------
 
 requires_cuda_backend = pytest.mark.skipif(
     not HAS_CUDA or cuda_backend.unavailable_reason(torch.device("cuda")) is not None,
     reason="needs a CUDA device and the built extension")
 
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
+
+def gpu_kernel_test(test):
+    """Marks a test of the CUDA kernels: `gpu`, skipped without a device the built extension runs on."""
+    return pytest.mark.gpu(requires_cuda(requires_cuda_backend(test)))
+
+
+@gpu_kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relation, frames", RELATIONS)
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -406,9 +406,7 @@ def test_gpu_relations_dtypes(dtype, relation, frames, deterministic):
     assert_matches_reference("cuda", s, t, relation=relation, num_frames=frames, deterministic=deterministic)
 
 
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
+@gpu_kernel_test
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape, dt", [((1, 1, 3), 2), ((3, 130, 33), 17), ((37, 20), 12)])
 def test_gpu_odd_shapes_and_reductions(reduction, shape, dt):
@@ -416,59 +414,14 @@ def test_gpu_odd_shapes_and_reductions(reduction, shape, dt):
     assert_matches_reference("cuda", s, t, reduction=reduction)
 
 
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
-def test_gpu_zero_token_and_nan():
+@gpu_kernel_test
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_zero_tokens_and_nan(deterministic):
     s, t = make_pair((2, 100, 64), 32, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
-    with torch.no_grad():
-        s[0, 3].zero_()
-        t[1, 7].zero_()
-    assert_matches_reference("cuda", s, t)
-    with torch.no_grad():
-        s[0, 5, 3] = float("nan")
-    s.grad = t.grad = None
-    loss = trd_loss(s, t, reduction="none", backend="cuda")
-    loss.sum().backward()
-    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
-    assert torch.isnan(s.grad[0]).any() and torch.isfinite(s.grad[1]).all()
+    check_zero_tokens_and_nan("cuda", s, t, deterministic)
 
 
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("relation", ["full", "spatial", "temporal"])
-def test_gpu_videorepa_shape(dtype, relation):
-    s, t = make_pair((2, 24, 150, 768), 768, dtype=dtype, device="cuda")
-    assert_matches_reference("cuda", s, t, relation=relation)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
-def test_gpu_student_wider_than_teacher():
-    s, t = make_pair((1, 1000, 1920), 768, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
-    assert_matches_reference("cuda", s, t, relation="temporal", num_frames=8)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
-def test_gpu_deterministic_is_bitwise_repeatable():
-    s, t = make_pair((2, 3000, 768), 768, dtype=torch.bfloat16, device="cuda")
-    runs = []
-    for _ in range(2):
-        s.grad = None
-        loss = trd_loss(s, t, backend="cuda", deterministic=True)
-        loss.backward()
-        runs.append((loss.detach().clone(), s.grad.clone()))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
+@gpu_kernel_test
 def test_gpu_matches_cpu_twin():
     s, t = make_pair((2, 700, 96), 80, device="cuda", grad_teacher=True)
     fs, ft, spec = features(s, t, relation="spatial", num_frames=7)
@@ -479,9 +432,7 @@ def test_gpu_matches_cpu_twin():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.gpu
-@requires_cuda
-@requires_cuda_backend
+@gpu_kernel_test
 def test_gpu_side_stream_and_graph_capture():
     s, t = make_pair((2, 1024, 256), 256, dtype=torch.bfloat16, device="cuda")
     eager = trd_loss(s.detach(), t, backend="cuda", deterministic=True)

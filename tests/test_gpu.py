@@ -34,12 +34,13 @@ def test_cogvideox_full_grid(backend, deterministic):
     torch.cuda.empty_cache()
 
 
-def test_deterministic_triton_is_bitwise_repeatable_on_gpu():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_deterministic_is_bitwise_repeatable_on_gpu(backend):
     s, t = make_pair((2, 3000, 768), 768, dtype=torch.bfloat16, device="cuda")
     runs = []
     for _ in range(2):
         s.grad = None
-        loss = trd_loss(s, t, backend="triton", deterministic=True)
+        loss = trd_loss(s, t, backend=backend, deterministic=True)
         loss.backward()
         runs.append((loss.detach().clone(), s.grad.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -58,6 +58,17 @@ def _not_built_reason(kind: str, import_error: Optional[str]) -> str:
             "(run `pip install --no-build-isolation -e .` with nvcc on PATH)")
 
 
+def _not_built(description: str, kind: str, import_error: Optional[str]) -> str:
+    return f"{description} is not built: {_not_built_reason(kind, import_error)}"
+
+
+def _status_line(label: str, ext, kind: str, import_error: Optional[str], built: str = "built") -> str:
+    """``<label>: <built>`` or ``<label>: not built (<reason>)``, as ``python -m vrepa_kernels.info`` prints it."""
+    if ext is not None:
+        return f"{label}: {built}"
+    return f"{label}: not built ({_not_built_reason(kind, import_error)})"
+
+
 def cuda_extension_built() -> bool:
     return _cuda_ext is not None
 
@@ -74,21 +85,15 @@ def cuda_extension_archs() -> str:
 
 def cuda_extension_line() -> str:
     """``cuda_extension: built (<archs>)`` or ``cuda_extension: not built (<reason>)``."""
-    if _cuda_ext is not None:
-        return f"cuda_extension: built ({cuda_extension_archs()})"
-    return f"cuda_extension: not built ({_not_built_reason('cuda', _cuda_import_error)})"
+    return _status_line("cuda_extension", _cuda_ext, "cuda", _cuda_import_error, f"built ({cuda_extension_archs()})")
 
 
 def cpu_twin_line() -> str:
-    if _cpu_ext is not None:
-        return "cpu_twin: built"
-    return f"cpu_twin: not built ({_not_built_reason('cpu', _cpu_import_error)})"
+    return _status_line("cpu_twin", _cpu_ext, "cpu", _cpu_import_error)
 
 
 def emulator_line() -> str:
-    if _emulator_ext is not None:
-        return "kernel_emulator: built"
-    return f"kernel_emulator: not built ({_not_built_reason('emulator', _emulator_import_error)})"
+    return _status_line("kernel_emulator", _emulator_ext, "emulator", _emulator_import_error)
 
 
 def _arch_runs(entry: str, major: int, minor: int) -> bool:
@@ -137,8 +142,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     elif device.type != "cuda":
         missing.append(f"the inputs are on {device}, not on a CUDA device")
     if _cuda_ext is None:
-        missing.append(f"the CUDA extension vrepa_kernels._C_cuda is not built: "
-                       f"{_not_built_reason('cuda', _cuda_import_error)}")
+        missing.append(_not_built("the CUDA extension vrepa_kernels._C_cuda", "cuda", _cuda_import_error))
     if missing:
         return "; ".join(missing)
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -225,9 +229,13 @@ def pair_sums(
                     None, device=index, stream=stream)
 
 
-def _cpu_only(student: Features, name: str) -> None:
+def _host_extension(ext, description: str, kind: str, import_error: Optional[str], caller: str, student: Features):
+    """``ext`` when it is built and the inputs are CPU tensors; else the error that says which is not so."""
+    if ext is None:
+        raise RuntimeError(_not_built(description, kind, import_error))
     if student.values.device.type != "cpu":
-        raise ValueError(f"{name} takes CPU tensors, got {student.values.device}")
+        raise ValueError(f"{caller} takes CPU tensors, got {student.values.device}")
+    return ext
 
 
 def cpu_twin_pair_sums(
@@ -245,14 +253,12 @@ def cpu_twin_pair_sums(
     ``threads`` defaults to ``torch.get_num_threads()``; ``splits`` (symmetric schedule only) to what the GPU
     launch plan would pick for that many parallel units. Results are bitwise reproducible for fixed arguments.
     """
-    if _cpu_ext is None:
-        raise RuntimeError("the CPU twin vrepa_kernels._C_cpu is not built: "
-                           f"{_not_built_reason('cpu', _cpu_import_error)}")
-    _cpu_only(student, "cpu_twin_pair_sums")
+    ext = _host_extension(_cpu_ext, "the CPU twin vrepa_kernels._C_cpu", "cpu", _cpu_import_error,
+                          "cpu_twin_pair_sums", student)
     threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    return _run(_cpu_ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits,
+    return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits,
                 threads=threads)
 
 
@@ -272,9 +278,7 @@ def emulated_pair_sums(
     The launch is planned as for a GPU with ``multiprocessors`` SMs (an H100 has 132) unless ``splits`` is given.
     ``order`` picks the order in which the emulator resumes threads (0 forward, 1 reverse, else a seeded shuffle).
     """
-    if _emulator_ext is None:
-        raise RuntimeError("the kernel emulator vrepa_kernels._C_emulator is not built: "
-                           f"{_not_built_reason('emulator', _emulator_import_error)}")
-    _cpu_only(student, "emulated_pair_sums")
-    return _run(_emulator_ext, student, teacher, spec, need_s, need_t, deterministic, "emulator", multiprocessors,
+    ext = _host_extension(_emulator_ext, "the kernel emulator vrepa_kernels._C_emulator", "emulator",
+                          _emulator_import_error, "emulated_pair_sums", student)
+    return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "emulator", multiprocessors,
                 splits, order=order)
