@@ -6,6 +6,7 @@ gradient ``2 P s`` through both ``P_IC s_C`` and ``P_IC^T s_I``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
@@ -48,6 +49,18 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out += torch.bmm(a, b).to(out.dtype)
 
 
+def _spatial_as_full(student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
+                     part: Optional[Tuple[int, int]]):
+    """Same-frame pairs of B samples are all pairs of B * F one-frame samples: no masked-out work."""
+    frames, tpf = spec.num_frames, spec.tokens_per_frame
+    per_frame = [Features(f.values.reshape(spec.batch * frames, tpf, -1), f.norm.reshape(spec.batch * frames, tpf, 1))
+                 for f in (student, teacher)]
+    frame_spec = replace(spec, batch=spec.batch * frames, num_tokens=tpf, relation="full", tokens_per_frame=0)
+    sums, g_s, g_t = pair_sums(*per_frame, frame_spec, need_s, need_t, part=part)
+    unflatten = lambda g: None if g is None else g.reshape(spec.batch, spec.num_tokens, -1)
+    return sums.reshape(spec.batch, frames).sum(dim=1), unflatten(g_s), unflatten(g_t)
+
+
 def pair_sums(
     student: Features,
     teacher: Features,
@@ -59,6 +72,8 @@ def pair_sums(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Per-sample sums and gradients w.r.t. the unit features; ``part=(rank, world)`` visits only that
     rank's share of the strips (sums and gradients are then partial, for an all-reduce)."""
+    if spec.relation == "spatial":
+        return _spatial_as_full(student, teacher, spec, need_s, need_t, part)
     acc = student.norm.dtype
     # CPU BLAS is fastest (and exact) in fp32; on GPU keep the tensor-core dtype, as naive PyTorch does.
     gemm_dtype = acc if student.values.device.type == "cpu" else student.values.dtype
