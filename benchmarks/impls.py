@@ -83,7 +83,7 @@ class _CompiledReference:
         return lambda s, t: fn(s, t, case.margin, case.relation, case.num_frames)
 
 
-def _library(backend: str):
+def _library(backend: str, deterministic: bool = False):
     def build(case: Case, device: torch.device) -> LossFn:
         if backend == "triton" and device.type == "cpu":
             raise Unavailable("Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1), no speed path")
@@ -91,7 +91,8 @@ def _library(backend: str):
             resolve_backend(backend, device, case.torch_dtype)
         except (RuntimeError, TypeError) as err:
             raise Unavailable(str(err)) from None
-        return lambda s, t: trd_loss(s, t, case.margin, case.relation, case.num_frames, backend=backend)
+        return lambda s, t: trd_loss(s, t, case.margin, case.relation, case.num_frames, backend=backend,
+                                     deterministic=deterministic)
 
     return build
 
@@ -144,7 +145,10 @@ REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in [
          quadratic_memory=True),
     Impl("torch", 'trd_loss(backend="torch"): blockwise PyTorch strips', _library("torch")),
     Impl("triton", 'trd_loss(backend="triton"): fused Triton kernel', _library("triton")),
+    Impl("triton-det", 'trd_loss(backend="triton", deterministic=True): row-owned tiles, no atomics',
+         _library("triton", deterministic=True)),
     Impl("cuda", 'trd_loss(backend="cuda"): CUDA C++ extension', _library("cuda")),
+    Impl("cuda-det", 'trd_loss(backend="cuda", deterministic=True): no atomics', _library("cuda", deterministic=True)),
     Impl("flash-attn", "flash_attn_func(q, q, q), q = student features: attention reference (not TRD)",
          _flash_attn, kind="attention"),
     Impl("sdpa-flash", "torch SDPA, flash backend, q = k = v = student: attention reference (not TRD)",
