@@ -22,6 +22,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------- OOM
+def add_repeat_args(parser, what: str = "timed rounds") -> None:
+    """The repeat and disturbance options that every benchmark CLI here shares."""
+    parser.add_argument("--min-reps", type=int, default=5, help=f"{what} at least")
+    parser.add_argument("--max-reps", type=int, default=50, help=f"{what} at most")
+    parser.add_argument("--min-time", type=float, default=1.0, help=f"seconds of {what} at least")
+    parser.add_argument("--max-time", type=float, default=15.0, help=f"seconds of {what} at most")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="CPU: re-time up to this often while other processes disturb the timing")
+    parser.add_argument("--max-foreign-load", type=float, default=0.25,
+                        help="CPU: cores other processes may keep busy while timing before it is redone")
+    parser.add_argument("--retry-wait", type=float, default=3.0, help="seconds to wait before re-timing")
+
+
 def is_oom(err: BaseException) -> bool:
     """Whether ``err`` is an out-of-memory failure (CUDA or host)."""
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),

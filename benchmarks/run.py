@@ -57,15 +57,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(registry.REGISTRY)} (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>-<date>)")
-    p.add_argument("--min-reps", type=int, default=5, help="timed rounds at least")
-    p.add_argument("--max-reps", type=int, default=50, help="timed rounds at most")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed rounds per case at least")
-    p.add_argument("--max-time", type=float, default=15.0, help="seconds of timed rounds per case at most")
-    p.add_argument("--retries", type=int, default=2,
-                   help="CPU: re-time a case up to this often while other processes disturb it")
-    p.add_argument("--max-foreign-load", type=float, default=0.25,
-                   help="CPU: cores other processes may keep busy during a case's timing before it is re-timed")
-    p.add_argument("--retry-wait", type=float, default=3.0, help="seconds to wait before re-timing")
+    measure.add_repeat_args(p, "timed rounds per case")
     p.add_argument("--mem-budget-gb", type=float,
                    help="CPU: refuse materialising shapes needing more (default: half the RAM)")
     p.add_argument("--time-budget", type=float,

@@ -83,15 +83,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "explicit comma-separated sizes, e.g. 25,39 (one world size and one N only)")
     p.add_argument("--threads-per-rank", type=int, help="torch threads per process (default: cores // max W)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/cpu-<date>/sequence_parallel)")
-    p.add_argument("--min-reps", type=int, default=5, help="timed steps at least")
-    p.add_argument("--max-reps", type=int, default=50, help="timed steps at most")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed steps at least")
-    p.add_argument("--max-time", type=float, default=15.0, help="seconds of timed steps at most (after 3 steps)")
-    p.add_argument("--retries", type=int, default=2,
-                   help="re-run a group up to this often while other processes disturb it")
-    p.add_argument("--max-foreign-load", type=float, default=0.25,
-                   help="cores other processes may keep busy during a group before it is re-run")
-    p.add_argument("--retry-wait", type=float, default=3.0, help="seconds to wait before re-running")
+    measure.add_repeat_args(p, "timed steps")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one group of processes may take")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu",), default="cpu", help="the simulation runs on CPU only")

@@ -78,3 +78,15 @@ def assert_matches_reference(backend, student, teacher, tol=None, deterministic=
     for got, exact in zip([got_loss, *got_grads], [exact_loss, *exact_grads]):
         scale = max(exact.abs().max().item(), 1e-2)  # floor: an exact 0 still allows rounding noise
         assert max_err(got, exact) <= tol * scale, (max_err(got, exact), scale)
+
+
+def assert_bitwise_repeatable(backend, student, teacher, **kwargs):
+    """Two runs of loss + backward give bitwise identical loss and input gradients."""
+    runs = []
+    for _ in range(2):
+        s = student.detach().clone().requires_grad_(student.requires_grad)
+        t = teacher.detach().clone().requires_grad_(teacher.requires_grad)
+        loss = trd_loss(s, t, backend=backend, **kwargs)
+        loss.backward()
+        runs.append([loss.detach()] + [x.grad for x in (s, t) if x.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

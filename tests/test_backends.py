@@ -7,7 +7,7 @@ import torch
 
 from vrepa_kernels import trd_loss, trd_loss_reference
 
-from conftest import assert_matches_reference, cpu_backends, make_pair
+from conftest import assert_bitwise_repeatable, assert_matches_reference, cpu_backends, make_pair
 
 BACKENDS = cpu_backends()
 RELATIONS = [("full", None), ("spatial", 5), ("temporal", 5)]
@@ -116,14 +116,8 @@ def test_frozen_teacher_gets_no_gradient_work(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_is_bitwise_repeatable(backend):
-    s, t = make_pair((2, 50, 24), 16)
-    runs = []
-    for _ in range(2):
-        s.grad = None
-        loss = trd_loss(s, t, backend=backend, deterministic=True)
-        loss.backward()
-        runs.append((loss.detach().clone(), s.grad.clone()))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    s, t = make_pair((2, 50, 24), 16, grad_teacher=True)
+    assert_bitwise_repeatable(backend, s, t, deterministic=True)
 
 
 def test_gradcheck_float64_torch_backend():

@@ -81,22 +81,16 @@ def test_check_finite_raises_naming_the_argument():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_use_deterministic_algorithms_is_bitwise_repeatable(backend):
-    from conftest import cpu_backends
+    from conftest import assert_bitwise_repeatable, cpu_backends
 
     if backend not in cpu_backends():
         pytest.skip(f"{backend} is not usable on CPU here")
     s, t = make_pair((2, 40, 16), 16, grad_teacher=True)
-    runs = []
     torch.use_deterministic_algorithms(True)
     try:
-        for _ in range(2):
-            s.grad = t.grad = None
-            loss = trd_loss(s, t, backend=backend)
-            loss.backward()
-            runs.append((loss.detach(), s.grad.clone(), t.grad.clone()))
+        assert_bitwise_repeatable(backend, s, t)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_without_triton_auto_still_works_and_triton_says_why(monkeypatch):

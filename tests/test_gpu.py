@@ -4,7 +4,7 @@ import torch
 
 from vrepa_kernels import trd_loss
 
-from conftest import assert_matches_reference, make_pair, requires_cuda
+from conftest import assert_bitwise_repeatable, assert_matches_reference, make_pair, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 GPU_BACKENDS = ["torch", "triton", "cuda"]
@@ -37,13 +37,7 @@ def test_cogvideox_full_grid(backend, deterministic):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_deterministic_is_bitwise_repeatable_on_gpu(backend):
     s, t = make_pair((2, 3000, 768), 768, dtype=torch.bfloat16, device="cuda")
-    runs = []
-    for _ in range(2):
-        s.grad = None
-        loss = trd_loss(s, t, backend=backend, deterministic=True)
-        loss.backward()
-        runs.append((loss.detach().clone(), s.grad.clone()))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert_bitwise_repeatable(backend, s, t, deterministic=True)
 
 
 def test_720p_grid_runs_and_matches_closed_form():
