@@ -49,6 +49,14 @@ def _worker(rank, world, init_file, backends, queue):
             results.append(("error", None))
         except ValueError as exc:  # every rank raises, none hangs
             results.append(("error", str(exc)))
+        bad_teacher = teacher[:, lo:hi].clone()
+        if rank == world - 1:
+            bad_teacher[0, 0, 0] = float("nan")
+        try:  # only the last rank holds the NaN, yet every rank raises
+            trd_loss(student[:, lo:hi], bad_teacher, check_finite=True, process_group=dist.group.WORLD)
+            results.append(("nan", None))
+        except ValueError as exc:
+            results.append(("nan", str(exc)))
         queue.put((rank, results))
         dist.destroy_process_group()
     except Exception:
@@ -73,7 +81,7 @@ def test_sequence_parallel_matches_one_process(world):
 
     sizes = SLICES[world]
     student, teacher = _inputs(sum(sizes))
-    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-1]):
+    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-2]):
         dtype = torch.float32 if backend == "triton" else torch.float64
         s = student.to(dtype).clone().requires_grad_(True)
         t = teacher.to(dtype).clone().requires_grad_(True)
@@ -87,7 +95,9 @@ def test_sequence_parallel_matches_one_process(world):
             torch.testing.assert_close(g_s, s.grad[:, lo:hi], **tol)
             torch.testing.assert_close(g_t, t.grad[:, lo:hi], **tol)
     for rank in range(world):
-        assert outputs[rank][-1][1] is not None and "num_frames=7" in outputs[rank][-1][1]
+        assert outputs[rank][-2][1] is not None and "num_frames=7" in outputs[rank][-2][1]
+        assert outputs[rank][-1][1] is not None
+        assert ("teacher holds NaN" if rank == world - 1 else "rejected their shards") in outputs[rank][-1][1]
 
 
 def test_balance_splits_the_triangle_evenly():

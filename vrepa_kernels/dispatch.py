@@ -99,7 +99,7 @@ def trd_loss(
         if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
             student, teacher = _autocast_inputs(student, teacher)
         return sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,
-                                          deterministic, process_group)
+                                          deterministic, process_group, check_finite)
     s, t, spec = canonicalize(student, teacher, margin, relation, num_frames, reduction)
     s, t = _autocast_inputs(s, t)
     if check_finite:

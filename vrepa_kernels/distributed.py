@@ -82,7 +82,7 @@ class _SequenceParallelTRD(torch.autograd.Function):
 
 
 def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,
-                               deterministic, process_group) -> torch.Tensor:
+                               deterministic, process_group, check_finite: bool = False) -> torch.Tensor:
     """:func:`vrepa_kernels.trd_loss` over token shards; see the module docstring."""
     from .dispatch import resolve_backend
 
@@ -99,6 +99,10 @@ def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, r
                              f"(got 4-D student of shape {tuple(student.shape)})")
         student, teacher, _ = canonicalize(student, teacher, margin, "full", None, reduction)
         meta = [student.shape[0], student.shape[1], student.shape[2], teacher.shape[2]]
+        if check_finite:
+            for arg, x in (("student", student), ("teacher", teacher)):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{arg} holds NaN or Inf values (check_finite=True)")
     except (TypeError, ValueError) as exc:
         error = exc
     device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
