@@ -30,7 +30,7 @@ TILES = {True: [(64, 64), (128, 128)], False: [(64, 64), (64, 128), (128, 64), (
 
 def candidates(symmetric: bool):
     """About 16 symmetric and 40 row-owned configs: a few minutes per dtype on an H100."""
-    for (bm, bn), bd, warps, stages in itertools.product(TILES[symmetric], (64, 128), (4, 8), (2, 3)):
+    for (bm, bn), bd, warps, stages in itertools.product(TILES[symmetric], (32, 64), (4, 8), (2, 3)):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 

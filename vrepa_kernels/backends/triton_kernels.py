@@ -103,19 +103,19 @@ if HAS_TRITON:
                     gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
                     RELATION: tl.constexpr, SYMMETRIC: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
         pid_m = tl.load(ROW_BLOCKS + tl.program_id(0))  # which row block this program owns
-        batch = tl.program_id(1).to(tl.int64)
+        batch = tl.program_id(1).to(tl.int64)  # sample offsets in int64; offsets within a sample below
         row0 = pid_m * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        rows64 = rows.to(tl.int64)
+        rows_idx = rows.to(tl.int64) if WIDE_OFFSETS else rows  # 32-bit offsets keep registers free
         S_b = S + batch * s_stride_b
         T_b = T + batch * t_stride_b
         S_INV_b = S_INV + batch * N
         T_INV_b = T_INV + batch * N
-        s_inv_rows = tl.load(S_INV_b + rows64, mask=row_ok, other=0.0)
-        t_inv_rows = tl.load(T_INV_b + rows64, mask=row_ok, other=0.0)
+        s_inv_rows = tl.load(S_INV_b + rows_idx, mask=row_ok, other=0.0)
+        t_inv_rows = tl.load(T_INV_b + rows_idx, mask=row_ok, other=0.0)
 
         # Column range: J >= I in the symmetric schedule; spatial keeps only the frames the rows touch.
         col_start = 0
@@ -134,14 +134,14 @@ if HAS_TRITON:
         for c0 in range(col_start, col_end, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             col_ok = cols < col_end
-            cols64 = cols.to(tl.int64)
-            s_inv_cols = tl.load(S_INV_b + cols64, mask=col_ok, other=0.0)
-            t_inv_cols = tl.load(T_INV_b + cols64, mask=col_ok, other=0.0)
+            cols_idx = cols.to(tl.int64) if WIDE_OFFSETS else cols
+            s_inv_cols = tl.load(S_INV_b + cols_idx, mask=col_ok, other=0.0)
+            t_inv_cols = tl.load(T_INV_b + cols_idx, mask=col_ok, other=0.0)
             # D = Gs - Gt from raw-input dot products scaled by the inverse norms in fp32.
-            gram_s = _raw_gram(S_b, rows64, cols64, row_ok, col_ok, DS, s_stride_n,
+            gram_s = _raw_gram(S_b, rows_idx, cols_idx, row_ok, col_ok, DS, s_stride_n,
                                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
             gap = gram_s * (s_inv_rows[:, None] * s_inv_cols[None, :])
-            gram_t = _raw_gram(T_b, rows64, cols64, row_ok, col_ok, DT, t_stride_n,
+            gram_t = _raw_gram(T_b, rows_idx, cols_idx, row_ok, col_ok, DT, t_stride_n,
                                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
             gap = gap - gram_t * (t_inv_rows[:, None] * t_inv_cols[None, :])
             keep = row_ok[:, None] & col_ok[None, :]
@@ -164,11 +164,11 @@ if HAS_TRITON:
                     p = p.to(S.dtype.element_ty)
                 off_diagonal = c0 != row0
                 if GRAD_S:
-                    _accumulate_grad(p, S_b, s_inv_rows, s_inv_cols, GS + batch * gs_stride_b, rows64, cols64,
+                    _accumulate_grad(p, S_b, s_inv_rows, s_inv_cols, GS + batch * gs_stride_b, rows_idx, cols_idx,
                                      row_ok, col_ok, DS, s_stride_n, gs_stride_n, off_diagonal, SYMMETRIC,
                                      BLOCK_D, UPCAST, PRECISION)
                 if GRAD_T:
-                    _accumulate_grad(p, T_b, t_inv_rows, t_inv_cols, GT + batch * gt_stride_b, rows64, cols64,
+                    _accumulate_grad(p, T_b, t_inv_rows, t_inv_cols, GT + batch * gt_stride_b, rows_idx, cols_idx,
                                      row_ok, col_ok, DT, t_stride_n, gt_stride_n, off_diagonal, SYMMETRIC,
                                      BLOCK_D, UPCAST, PRECISION)
         tl.store(PARTIAL + batch * tl.num_programs(0) + tl.program_id(0), tl.sum(row_sums, axis=0))
@@ -202,11 +202,20 @@ def kernel_config(dtype: torch.dtype, device: torch.device, symmetric: bool = Tr
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=1)
     tuned = _tuned_for(dtype, device).get("symmetric" if symmetric else "row_owned")
-    if tuned:
-        return dict(tuned)
+    return dict(tuned) if tuned else default_config(dtype, symmetric)
+
+
+def default_config(dtype: torch.dtype, symmetric: bool = True) -> dict:
+    """The untuned GPU config (see benchmarks/triton_resources.py for its registers and spills)."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    # 128 x 128 tiles spill registers in the gradient pass (sm_80 and sm_90); 64 x 64 do not.
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=3)
+
+
+def needs_wide_offsets(num_tokens: int, *row_strides: int) -> bool:
+    """Whether offsets within one sample can pass 2^31 elements (then the kernel indexes in int64)."""
+    return num_tokens * max(row_strides) >= 2**31
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -258,7 +267,8 @@ def pair_sums(
             g_s.stride(0) if need_s else 0, g_s.stride(1) if need_s else 0,
             g_t.stride(0) if need_t else 0, g_t.stride(1) if need_t else 0,
             RELATION=RELATION_CODES[spec.relation], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
-            UPCAST=upcast, PRECISION=_dot_precision(s.dtype), **cfg,
+            UPCAST=upcast, PRECISION=_dot_precision(s.dtype),
+            WIDE_OFFSETS=needs_wide_offsets(n, s.stride(1), t.stride(1), ds, dt), **cfg,
         )
     sums = partial.to(torch.float64).sum(dim=1).to(torch.float32)
     return sums, (g_s.mul_(2.0) if need_s else None), (g_t.mul_(-2.0) if need_t else None)
