@@ -41,7 +41,7 @@ def compile_variant(dtype: torch.dtype, cfg: dict, arch: int, relation: str = "f
     signature.update(S=POINTER_TYPES[dtype], T=POINTER_TYPES[dtype], margin="fp32", ROW_BLOCKS="*i32")
     signature.update({name: "*fp32" for name in ("S_INV", "T_INV", "GS", "GT", "PARTIAL")})
     constexprs = dict(RELATION=triton_kernels.RELATION_CODES[relation], SYMMETRIC=symmetric, GRAD_S=grad_s,
-                      GRAD_T=grad_t, UPCAST=False, PRECISION="ieee", WIDE_OFFSETS=False,
+                      GRAD_T=grad_t, UPCAST=False, PRECISION="ieee", WIDE_OFFSETS=False, BLOCK_LIST=False,
                       **{k: v for k, v in cfg.items() if k not in LAUNCH_OPTIONS})
     signature.update({name: "constexpr" for name in constexprs})
     options = {k: cfg[k] for k in LAUNCH_OPTIONS if k in cfg}

@@ -103,8 +103,12 @@ if HAS_TRITON:
                     gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
                     RELATION: tl.constexpr, SYMMETRIC: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
-        pid_m = tl.load(ROW_BLOCKS + tl.program_id(0))  # which row block this program owns
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                    BLOCK_LIST: tl.constexpr):
+        if BLOCK_LIST:  # a rank's share of the row blocks (sequence parallelism)
+            pid_m = tl.load(ROW_BLOCKS + tl.program_id(0))
+        else:  # every row block, no dependent load before the loop
+            pid_m = tl.program_id(0)
         batch = tl.program_id(1).to(tl.int64)  # sample offsets in int64; offsets within a sample below
         row0 = pid_m * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -268,7 +272,8 @@ def pair_sums(
             g_t.stride(0) if need_t else 0, g_t.stride(1) if need_t else 0,
             RELATION=RELATION_CODES[spec.relation], SYMMETRIC=symmetric, GRAD_S=need_s, GRAD_T=need_t,
             UPCAST=upcast, PRECISION=_dot_precision(s.dtype),
-            WIDE_OFFSETS=needs_wide_offsets(n, s.stride(1), t.stride(1), ds, dt), **cfg,
+            WIDE_OFFSETS=needs_wide_offsets(n, s.stride(1), t.stride(1), ds, dt), BLOCK_LIST=part is not None,
+            **cfg,
         )
     sums = partial.to(torch.float64).sum(dim=1).to(torch.float32)
     return sums, (g_s.mul_(2.0) if need_s else None), (g_t.mul_(-2.0) if need_t else None)
