@@ -47,13 +47,6 @@ class Features:
         return unit if dtype is None else unit.to(dtype)
 
 
-def normalize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(x_hat in x.dtype, x_hat in the accumulation dtype, row norms)``, as F.normalize does."""
-    feats = Features.of(x)
-    unit = feats.unit()
-    return unit.to(x.dtype), unit, feats.norm
-
-
 def normalize_backward(grad_hat: torch.Tensor, x_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Exact backward of ``x / norm.clamp_min(eps)``.
 
