@@ -12,7 +12,7 @@
 #
 # Environment: PYTHON (default python3), OUT_DIR (default benchmarks/results/<gpu>-<date>),
 # VREPA_GIT_COMMIT (the commit to name where the checkout has no .git), TOTAL_BUDGET_S (default 450:
-# the benchmark gets what the earlier steps left of it, at least 120 s), TEST_TIMEOUT_S (default 200).
+# the benchmark gets what the earlier steps left of it, at least 120 s), TEST_TIMEOUT_S (default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -49,8 +49,8 @@ cat "$OUT/.info.txt"
 echo "== 3/4 GPU tests"
 TEST_RC=""
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  TEST_END=$(( $(date +%s) + ${TEST_TIMEOUT_S:-200} ))
-  timeout "${TEST_TIMEOUT_S:-200}" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/.tests.log"
+  TEST_END=$(( $(date +%s) + ${TEST_TIMEOUT_S:-240} ))
+  timeout "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/.tests.log"
   TEST_RC=${PIPESTATUS[0]}
   GPU_TESTS=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/.tests.log" | tail -n 1)
   timeout $(( TEST_END - $(date +%s) > 30 ? TEST_END - $(date +%s) : 30 )) "$PY" -m pytest -q -ra \
@@ -59,7 +59,7 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   BENCH_TESTS=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/.tests.log" | tail -n 1)
   TESTS="tests -m gpu: rc $TEST_RC, $GPU_TESTS; benchmarks/test_bench.py: rc $BENCH_TEST_RC, $BENCH_TESTS"
   [ "$TEST_RC" = 0 ] && TEST_RC=$BENCH_TEST_RC
-  [ "$TEST_RC" = 124 ] && TESTS="timed out (rc 124 = timeout, limit ${TEST_TIMEOUT_S:-200} s in all); $TESTS"
+  [ "$TEST_RC" = 124 ] && TESTS="timed out (rc 124 = timeout, limit ${TEST_TIMEOUT_S:-240} s in all); $TESTS"
 else
   TESTS="not run: pytest is not installed for $PY (carry a wheel: see benchmarks/README.md)"
   echo "$TESTS" | tee "$OUT/.tests.log"
