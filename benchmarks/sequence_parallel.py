@@ -49,7 +49,7 @@ from cases import DTYPES, MODES, Case  # noqa: E402
 
 from vrepa_kernels import trd_loss  # noqa: E402
 from vrepa_kernels.backends.torch_blockwise import strip_rows  # noqa: E402
-from vrepa_kernels.function import accumulation_dtype  # noqa: E402
+from vrepa_kernels.features import accumulation_dtype  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
 from vrepa_kernels.schedule import strips_for  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vrepa_kernels.backends import triton_kernels  # noqa: E402
-from vrepa_kernels.function import Features  # noqa: E402
+from vrepa_kernels.features import Features  # noqa: E402
 from vrepa_kernels.relation import RelationSpec  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 
 from vrepa_kernels import backends, trd_loss
 from vrepa_kernels.backends import cuda as cuda_backend
-from vrepa_kernels.function import Features
+from vrepa_kernels.features import Features
 from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
 
 from conftest import HAS_CUDA, assert_matches_reference, make_pair, requires_cuda

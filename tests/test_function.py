@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from vrepa_kernels import trd_loss
-from vrepa_kernels.function import NORMALIZE_EPS, Features, normalize_backward, trd_loss_forward
+from vrepa_kernels.features import NORMALIZE_EPS, Features, normalize_backward
+from vrepa_kernels.function import trd_loss_forward
 
 from conftest import cpu_backends
 

@@ -4,7 +4,7 @@ import torch
 
 from vrepa_kernels import trd_loss
 from vrepa_kernels.backends import triton_kernels
-from vrepa_kernels.function import Features
+from vrepa_kernels.features import Features
 from vrepa_kernels.relation import canonicalize
 
 from conftest import HAS_CUDA, assert_matches_reference, cpu_backends, make_pair

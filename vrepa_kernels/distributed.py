@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .function import Features, normalize_backward, reduce_sums
+from .features import Features, normalize_backward
+from .function import reduce_sums
 from .relation import canonicalize
 
 

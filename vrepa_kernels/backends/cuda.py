@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..function import Features
+from ..features import Features
 from ..relation import RelationSpec
 
 RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}

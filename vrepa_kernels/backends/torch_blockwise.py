@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..function import Features
+from ..features import Features
 from ..relation import RelationSpec
 from ..schedule import strips_for
 

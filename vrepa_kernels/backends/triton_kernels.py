@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..function import Features
+from ..features import Features
 from ..relation import RelationSpec
 from ..schedule import strips_for
 
