@@ -432,7 +432,7 @@ def test_prepare_teacher_pixels():
 
 
 def test_teacher_token_cache(tmp_path):
-    cache = TeacherTokenCache(tmp_path / "cache", fingerprint="teacher-a")
+    cache = TeacherTokenCache(tmp_path / "cache", fingerprint="teacher-a", dtype=torch.bfloat16)
     calls = []
 
     def compute(indices):
@@ -446,7 +446,87 @@ def test_teacher_token_cache(tmp_path):
     assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
     other = TeacherTokenCache(tmp_path / "cache", fingerprint="teacher-b")
     assert other.load("a") is None  # another teacher or geometry never reuses a file
+    fp32 = TeacherTokenCache(tmp_path / "cache", fingerprint="teacher-a")
+    assert fp32.dtype == torch.float32 and fp32.load("a") is None  # nor a file written at another precision
 
     # VideoREPA's per-clip tokens, 24x10x15 x 768 in bf16: about 5.5 MB on disk.
     path = cache.save("clip", torch.randn(24, 10, 15, 768))
     assert 5.5e6 < path.stat().st_size < 5.6e6
+
+
+# ------------------------------------------------------------------------------------------ teacher input (issue 11)
+def test_prepare_teacher_pixels_converts_uint8_frames():
+    # The issue's repro: uint8 frames came back uint8 (values truncated to 0..7).
+    frames = torch.randint(0, 256, (1, 9, 3, 96, 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = prepare_teacher_pixels(frames, (16, 24))
+    assert out.dtype == torch.float32 and out.shape == (1, 8, 3, 16, 24)
+    torch.testing.assert_close(out, prepare_teacher_pixels(frames.float() / 127.5 - 1.0, (16, 24)))
+    white = prepare_teacher_pixels(torch.full((1, 2, 3, 4, 4), 255, dtype=torch.uint8), (4, 4))
+    torch.testing.assert_close(white[0, 0, :, 0, 0], (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+    assert prepare_teacher_pixels(frames, (16, 24), dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_prepare_teacher_pixels_rejects_frames_out_of_range():
+    with pytest.raises(ValueError, match=r"frames must be in \[-1, 1\].*\[0, 255\]"):
+        prepare_teacher_pixels(torch.arange(256.0).reshape(1, 1, 1, 16, 16).expand(1, 2, 3, 16, 16), (8, 8))
+    with pytest.raises(TypeError, match="frames must be uint8.*torch.int64"):
+        prepare_teacher_pixels(torch.zeros(1, 2, 3, 8, 8, dtype=torch.long), (8, 8))
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        prepare_teacher_pixels(torch.zeros(1, 2, 3, 8, 8), (8, 8), dtype=torch.uint8)
+    # a bicubic overshoot of [-1, 1] frames is tolerated; NaN propagates instead of being hidden
+    edge = torch.full((1, 2, 3, 8, 8), -1.0)
+    edge[..., 4:] = 1.03
+    assert torch.isfinite(prepare_teacher_pixels(edge, (8, 8))).all()
+    edge[0, 1, 0, 0, 0] = float("nan")
+    assert torch.isnan(prepare_teacher_pixels(edge, (8, 8))).any()
+
+
+def test_teacher_input_for_a_latent_shape():
+    helper = VideoREPA(tiny_transformer(), TEACHER_DIM, align_layer=1, projector_dim=16)
+    need = helper.teacher_input(LATENT_SHAPE, patch_size=8)
+    assert need == (8, (16, 24), ALIGNED) and need.grid == ALIGNED
+    # CogVideoX at 49x480x720: latents 13x60x90 -> VideoMAEv2 on 48 frames at 160x240, 24x10x15 tokens
+    big = VideoREPA(tiny_transformer(), 768, align_layer=1, projector_dim=16)
+    assert big.teacher_input((1, 13, 16, 60, 90)) == (48, (160, 240), (24, 10, 15))
+
+
+def test_teacher_architecture_is_read_from_the_checkpoint(tmp_path):
+    from vrepa_kernels.integrations.videomae import infer_videomae_v2_architecture, official_state_dict
+
+    ckpt = random_videomae_v2_checkpoint(TINY_TEACHER, seed=4)
+    inferred = infer_videomae_v2_architecture(official_state_dict(ckpt))
+    assert inferred == {k: v for k, v in TINY_TEACHER.items() if k != "num_attention_heads"}  # heads: not in weights
+    path = tmp_path / "tiny.pth"
+    torch.save(ckpt, path)
+    teacher = load_videomae_teacher(path, num_frames=8, image_size=(16, 24))  # no architecture= needed
+    assert (teacher.config.patch_size, teacher.config.num_attention_heads, teacher.config.hidden_size) == (8, 4, 32)
+    with pytest.raises(ValueError, match="architecture= says patch_size=16, but the checkpoint's weights have "
+                                         "patch_size=8"):
+        load_videomae_teacher(path, num_frames=8, image_size=(16, 24), architecture={"patch_size": 16})
+    bare = tmp_path / "bare.pth"
+    torch.save({"module": ckpt["module"]}, bare)  # no metadata: width 32 is no VideoMAEv2 width
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        load_videomae_teacher(bare, num_frames=8, image_size=(16, 24))
+    assert load_videomae_teacher(bare, num_frames=8, image_size=(16, 24), source_num_frames=16,
+                                 architecture={"num_attention_heads": 4}).config.num_attention_heads == 4
+    vit_b = infer_videomae_v2_architecture({"patch_embed.proj.weight": torch.zeros(768, 3, 2, 16, 16),
+                                            "blocks.0.mlp.fc1.weight": torch.zeros(3072, 768)})
+    assert vit_b["num_attention_heads"] == 12 and vit_b["intermediate_size"] == 3072
+
+
+def test_encode_teacher_checks_the_grid_before_the_teacher_runs(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(random_videomae_v2_checkpoint(TINY_TEACHER, seed=5, source_num_frames=4, source_image_size=16), path)
+    teacher = load_videomae_teacher(path, num_frames=8, image_size=(16, 24))
+    calls = []
+    teacher.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match=r"pixel_values 6x16x24 .* give a 3x2x3 token grid, but the teacher was "
+                                         r"built for a 4x2x3 grid"):
+        encode_teacher(teacher, torch.zeros(1, 6, 3, 16, 24))
+    with pytest.raises(ValueError, match="the teacher gives a 4x2x3 token grid, but the student aligns to 4x3x3"):
+        encode_teacher(teacher, torch.zeros(1, 8, 3, 16, 24), expected_grid=(4, 3, 3))
+    with pytest.raises(TypeError, match="floating point"):
+        encode_teacher(teacher, torch.zeros(1, 8, 3, 16, 24, dtype=torch.uint8))
+    assert calls == []  # every error came before transformers ran
+    tokens = encode_teacher(teacher, torch.zeros(1, 8, 3, 16, 24), expected_grid=ALIGNED)
+    assert tokens.shape == (1, *ALIGNED, 32) and calls == [1]

@@ -12,6 +12,12 @@ transformers) without forking it. A training step becomes::
         loss_trd = helper(teacher_tokens, noisy_latents.shape)
     loss = loss_diffusion + 0.5 * loss_trd
 
+**Data parallel.** The helper is not passed to ``accelerator.prepare`` (nor wrapped in DDP): when
+``torch.distributed`` is initialised with more than one rank, its first training forward wraps its own
+projector and downsampler in ``DistributedDataParallel`` (rank 0's weights are broadcast then), so their
+gradients are averaged like the transformer's. ``accelerator.register_for_checkpointing(helper)`` puts them in
+``save_state``/``load_state`` without touching diffusers' model save/load hooks.
+
 **Layer numbering.** ``align_layer`` counts blocks from 1, as VideoREPA does (its CogVideoX forward taps
 the block whose ``i + 1 == align_layer``): ``align_layer=18`` hooks ``transformer.transformer_blocks[17]``,
 the output of the 18th block.
@@ -31,13 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dispatch import BACKENDS, trd_loss
+from ..api import BACKENDS, trd_loss
 from ..relation import canonicalize
 
 Grid = Tuple[int, int, int]
@@ -164,6 +170,33 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+class TeacherInput(NamedTuple):
+    """The teacher's input for one latent shape (see :meth:`VideoREPA.teacher_input`)."""
+    num_frames: int
+    image_size: Tuple[int, int]
+    grid: Grid
+
+
+def _pair_int(value) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(int(v) for v in value)) != 1:
+            raise ValueError(f"non-square teacher patches {tuple(value)} are not supported")
+        value = value[0]
+    return int(value)
+
+
+class _AlignmentHead(nn.Module):
+    """The helper's trainable part (projector, downsampler) as the module that DDP wraps; same parameters."""
+
+    def __init__(self, owner: "VideoREPA"):
+        super().__init__()
+        self.projector, self.downsampler = owner.projector, owner.downsampler
+        self.__dict__["_owner"] = owner  # not a submodule: no cycle
+
+    def forward(self, hidden: torch.Tensor, latent_shape) -> torch.Tensor:
+        return self._owner.align(hidden, latent_shape)
+
+
 class VideoREPA(nn.Module):
     """VideoREPA's trainable parts and TRD loss for one hooked block of a diffusers video transformer.
 
@@ -180,6 +213,9 @@ class VideoREPA(nn.Module):
         patch_size, patch_size_t: the transformer's patch sizes; read from its config when None.
         drop_first_frame, temporal_upsample, spatial_downsample: the alignment (VideoREPA: True, 2, 3).
         backend, deterministic, reduction: passed to :func:`vrepa_kernels.trd_loss`.
+        sync_gradients: under ``torch.distributed`` with several ranks, wrap the projector and downsampler in
+            ``DistributedDataParallel`` at the first training forward (over ``process_group``, default all
+            ranks). Pass False only if you wrap the helper in DDP yourself.
     """
 
     def __init__(self, transformer: nn.Module, teacher_dim: int = 768, align_layer: int = 18,
@@ -187,7 +223,7 @@ class VideoREPA(nn.Module):
                  hidden_dim: Optional[int] = None, patch_size: Optional[int] = None,
                  patch_size_t: Optional[int] = None, drop_first_frame: bool = True, temporal_upsample: int = 2,
                  spatial_downsample: int = 3, backend: str = "auto", deterministic: bool = False,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", sync_gradients: bool = True, process_group=None):
         super().__init__()
         model = _unwrap_transformer(transformer)
         blocks = model.transformer_blocks
@@ -230,6 +266,10 @@ class VideoREPA(nn.Module):
         )
         s = self.spatial_downsample
         self.downsampler = nn.Conv2d(self.teacher_dim, self.teacher_dim, kernel_size=s, stride=s)
+
+        self.sync_gradients = bool(sync_gradients)
+        self.__dict__["_process_group"] = process_group
+        self.__dict__["_ddp"] = None  # DistributedDataParallel of _AlignmentHead, outside the state dict
 
         self._armed = False
         self._consumed = False
@@ -383,9 +423,44 @@ class VideoREPA(nn.Module):
                 "TRD loss cannot reach the transformer; use non-reentrant checkpointing (diffusers' default)"
             )
         self._consumed = True
-        student = self.align(hidden, latent_shape)
+        student = self._aligner()(hidden, latent_shape)
         teacher = self.teacher_grid(teacher_tokens, student.shape)
         return self.trd(student, teacher)
+
+    def _aligner(self):
+        """:meth:`align`, through DistributedDataParallel when training on several ranks (created once)."""
+        dist = torch.distributed
+        if not (self.sync_gradients and self.training and torch.is_grad_enabled() and dist.is_available()
+                and dist.is_initialized()):
+            return self.align
+        group = self._process_group
+        if dist.get_world_size(group) <= 1:
+            return self.align
+        if self._ddp is None:
+            device = self.projector[0].weight.device
+            self.__dict__["_ddp"] = nn.parallel.DistributedDataParallel(
+                _AlignmentHead(self), device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=group, broadcast_buffers=False)
+        return self._ddp
+
+    def teacher_input(self, latent_shape, teacher: Optional[nn.Module] = None, *, patch_size: int = 16,
+                      tubelet_size: int = 2) -> "TeacherInput":
+        """What a VideoMAE-style teacher must see for latents of ``latent_shape`` ``[B, F, C, H, W]``.
+
+        Returns ``TeacherInput(num_frames, image_size, grid)``: the pixel frames (the clip's frames after the
+        first), their (height, width) and the token grid, which equals the student's aligned grid. The
+        teacher's patch and tubelet sizes come from ``teacher.config`` when a teacher is given (VideoMAEv2:
+        16 and 2). CogVideoX at 49x480x720 (latents 13x60x90): 48 frames at 160x240, grid 24x10x15.
+        """
+        if teacher is not None:
+            config = teacher.config
+            patch_size = _pair_int(config.patch_size)
+            tubelet_size = int(config.tubelet_size)
+        patch_size = _positive_int("patch_size", patch_size)
+        tubelet_size = _positive_int("tubelet_size", tubelet_size)
+        grid = aligned_grid(student_token_grid(latent_shape, self.patch_size, self.patch_size_t),
+                            self.drop_first_frame, self.temporal_upsample, self.spatial_downsample)
+        return TeacherInput(grid[0] * tubelet_size, (grid[1] * patch_size, grid[2] * patch_size), grid)
 
     # ---------------------------------------------------------------- optimizer and checkpoints
     def trainable_parameters(self, transformer: Optional[nn.Module] = None) -> List[nn.Parameter]:
@@ -414,4 +489,4 @@ class VideoREPA(nn.Module):
                 f"relation={self.relation!r}")
 
 
-__all__ = ["VideoREPA", "student_token_grid", "aligned_grid"]
+__all__ = ["VideoREPA", "TeacherInput", "student_token_grid", "aligned_grid"]

@@ -104,6 +104,54 @@ def official_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     return out
 
 
+# Attention heads cannot be read from weights; VideoMAEv2's ViTs by width (S, B, L, H, g).
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+METADATA_KEY = "videomae_v2"  # beside the weights: {"architecture": {...}, "source_num_frames", "source_image_size"}
+
+
+def infer_videomae_v2_architecture(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Sizes of a VideoMAEv2 encoder read from its official-layout weights (see :func:`official_state_dict`).
+
+    Width, depth, MLP width, patch and tubelet come from tensor shapes. The head count is not in the weights:
+    it is taken from VideoMAEv2's models by width (ViT-S/B/L/H/g) and left out for any other width, where
+    the checkpoint's metadata or ``architecture=`` must give ``num_attention_heads``.
+    """
+    weight = state_dict.get("patch_embed.proj.weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        raise ValueError(
+            "the checkpoint has no 5-D patch_embed.proj.weight [D, 3, tubelet, patch, patch]: not a VideoMAEv2 "
+            f"video encoder (first keys: {sorted(state_dict)[:5]})"
+        )
+    width, _, tubelet, patch_h, patch_w = (int(d) for d in weight.shape)
+    if patch_h != patch_w:
+        raise ValueError(f"non-square patches {patch_h}x{patch_w} are not supported")
+    layers = {int(m.group(1)) for m in (_BLOCK_KEY.match(k) for k in state_dict) if m}
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    arch = {"hidden_size": width, "num_hidden_layers": len(layers), "patch_size": patch_h, "tubelet_size": tubelet}
+    if isinstance(fc1, torch.Tensor):
+        arch["intermediate_size"] = int(fc1.shape[0])
+    if width in _HEADS_BY_WIDTH:
+        arch["num_attention_heads"] = _HEADS_BY_WIDTH[width]
+    return arch
+
+
+def _resolve_architecture(inferred: Mapping, stored: Optional[Mapping], given: Optional[Mapping]) -> Dict[str, int]:
+    arch = dict(inferred)
+    for source, values in (("the checkpoint's metadata", stored), ("architecture=", given)):
+        for key, value in (values or {}).items():
+            if key in inferred and int(value) != int(inferred[key]):
+                raise ValueError(
+                    f"{source} says {key}={value}, but the checkpoint's weights have {key}={inferred[key]}"
+                )
+            arch[key] = value
+    if "num_attention_heads" not in arch:
+        raise ValueError(
+            f"the checkpoint's width {arch['hidden_size']} is not a VideoMAEv2 ViT-S/B/L/H/g width, so its head "
+            "count is unknown; pass architecture={'num_attention_heads': ...}"
+        )
+    return arch
+
+
 def _qv_bias_names(model_keys) -> Tuple[str, str]:
     """transformers names its q/v biases ``q_bias``/``v_bias`` (4.x) or ``query.bias``/``value.bias`` (5.x)."""
     if "encoder.layer.0.attention.attention.q_bias" in model_keys:
@@ -242,8 +290,8 @@ def load_videomae_teacher(
     num_frames: int = 48,
     image_size=(160, 240),
     architecture: Optional[Mapping] = None,
-    source_num_frames: int = SOURCE_NUM_FRAMES,
-    source_image_size=SOURCE_IMAGE_SIZE,
+    source_num_frames: Optional[int] = None,
+    source_image_size=None,
     device=None,
     dtype: Optional[torch.dtype] = None,
     trusted: bool = False,
@@ -253,8 +301,12 @@ def load_videomae_teacher(
     Args:
         checkpoint_path: local path of the official checkpoint (e.g. ``vit_b_k710_dl_from_giant.pth``).
         num_frames, image_size: the teacher's input (VideoREPA: 48 frames at 160x240).
-        architecture: overrides of :data:`VIDEOMAE_V2_BASE` (tests build tiny teachers this way).
-        source_num_frames, source_image_size: the geometry the checkpoint's position table was made for.
+        architecture: sizes of the encoder; by default read from the checkpoint (see
+            :func:`infer_videomae_v2_architecture`; a checkpoint dict may also store them beside the weights
+            under ``"videomae_v2": {"architecture": {...}}``, as :func:`random_videomae_v2_checkpoint` does).
+            Values given here must agree with the weights.
+        source_num_frames, source_image_size: the geometry the checkpoint's position table was made for
+            (default: the checkpoint's metadata, else VideoMAEv2's 16 frames at 224x224).
         trusted: unpickle arbitrary objects in the file (``weights_only=False``); only for files you trust.
     """
     transformers = require("transformers", "load_videomae_teacher")
@@ -270,7 +322,14 @@ def load_videomae_teacher(
             f"could not load {path} with weights_only=True ({err}); if you trust the file, pass trusted=True"
         ) from err
     state_dict = official_state_dict(raw)
-    config = videomae_v2_config(num_frames, image_size, architecture)
+    meta = raw.get(METADATA_KEY) if isinstance(raw, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    arch = _resolve_architecture(infer_videomae_v2_architecture(state_dict), meta.get("architecture"), architecture)
+    if source_num_frames is None:
+        source_num_frames = int(meta.get("source_num_frames", SOURCE_NUM_FRAMES))
+    if source_image_size is None:
+        source_image_size = meta.get("source_image_size", SOURCE_IMAGE_SIZE)
+    config = videomae_v2_config(num_frames, image_size, arch)
     model = transformers.VideoMAEModel(config)
     mapped, pos_embed = convert_videomae_v2_state_dict(state_dict, model)
     model.load_state_dict(mapped, strict=True)
@@ -300,26 +359,61 @@ def teacher_fingerprint(checkpoint_path, num_frames: int, image_size, extra: str
 
 
 # ------------------------------------------------------------------------------------------- inputs
+# Float frames outside this range are not [-1, 1] frames (0..1 or 0..255 ones would be silently garbled).
+PIXEL_RANGE_TOLERANCE = 0.05
+
+
+def _frames_in_unit_range(frames: torch.Tensor) -> torch.Tensor:
+    """``frames`` as floating point in [-1, 1]: uint8 0..255 maps to [-1, 1] (x / 127.5 - 1); other integer
+    dtypes and float frames outside [-1, 1] (beyond a small tolerance) raise."""
+    if frames.dtype == torch.uint8:
+        return frames.float() / 127.5 - 1.0
+    if not frames.is_floating_point():
+        raise TypeError(
+            f"frames must be uint8 (0..255, converted to [-1, 1]) or floating point in [-1, 1], got {frames.dtype}"
+        )
+    if frames.numel():
+        low, high = (float(v) for v in torch.aminmax(frames.detach()))
+        limit = 1.0 + PIXEL_RANGE_TOLERANCE
+        if low < -limit or high > limit:  # NaN compares False and propagates to the tokens
+            raise ValueError(
+                f"frames must be in [-1, 1] (diffusers' video batches), got values in [{low:.4g}, {high:.4g}]; "
+                "map 0..255 frames with x / 127.5 - 1 (or pass them as uint8) and 0..1 frames with 2 * x - 1"
+            )
+    return frames
+
+
 def prepare_teacher_pixels(frames: torch.Tensor, size=(160, 240), *, drop_first_frame: bool = True,
                            layout: str = "BFCHW", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """VideoREPA's teacher input from [-1, 1] frames: drop the first frame, ImageNet-normalise, bicubic resize.
+    """VideoREPA's teacher input: drop the first frame, ImageNet-normalise, bicubic resize.
+
+    The steps are VideoREPA's (aHapBean/VideoREPA, ``finetune/models/cogvideox_t2v_align/lora_trainer.py``,
+    ``compute_loss``): ``(x + 1) / 2``, ImageNet mean/std, frames after the first, bicubic to ``size``.
 
     Args:
         frames: ``[B, F, 3, H, W]`` (``layout="BFCHW"``, diffusers' batches) or ``[B, 3, F, H, W]`` ("BCFHW",
-            the VAE's input) in [-1, 1].
-        size: output (height, width); VideoREPA uses 160x240 for 480x720 clips.
+            the VAE's input). Floating point in [-1, 1], or uint8 in 0..255, which is converted with
+            ``x / 127.5 - 1`` (the convention of diffusers' video examples). Other integer dtypes raise
+            ``TypeError``; float frames outside [-1, 1] by more than 0.05 (0..255 floats, say) raise ``ValueError``.
+        size: output (height, width); VideoREPA uses 160x240 for 480x720 clips
+            (:meth:`VideoREPA.teacher_input` gives it for any latent shape).
+        dtype: output dtype; default the input's, or float32 for uint8 frames.
     Returns:
-        ``[B, F-1, 3, height, width]`` pixel values for ``VideoMAEModel`` (in ``dtype``, default the input's).
+        ``[B, F-1, 3, height, width]`` floating-point pixel values for ``VideoMAEModel``.
     """
     if not isinstance(frames, torch.Tensor) or frames.dim() != 5:
         raise ValueError(f"frames must be a 5-D tensor, got {getattr(frames, 'shape', type(frames).__name__)}")
     if layout not in ("BFCHW", "BCFHW"):
         raise ValueError(f"layout must be 'BFCHW' or 'BCFHW', got {layout!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if layout == "BCFHW":
         frames = frames.transpose(1, 2)
     batch, count, channels, height, width = frames.shape
     if channels != 3:
         raise ValueError(f"frames must have 3 channels in layout {layout}, got shape {tuple(frames.shape)}")
+    out_dtype = dtype or (frames.dtype if frames.is_floating_point() else torch.float32)
+    frames = _frames_in_unit_range(frames)
     if drop_first_frame:
         if count < 2:
             raise ValueError(f"dropping the first frame of {count} frame(s) leaves nothing")
@@ -332,31 +426,68 @@ def prepare_teacher_pixels(frames: torch.Tensor, size=(160, 240), *, drop_first_
     x = ((x - mean) / std).reshape(batch * count, 3, height, width)
     if (height, width) != (out_h, out_w):
         x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)
-    return x.reshape(batch, count, 3, out_h, out_w).to(dtype or frames.dtype)
+    return x.reshape(batch, count, 3, out_h, out_w).to(out_dtype)
+
+
+def teacher_token_grid(config, pixel_shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+    """The (frames, rows, cols) token grid of a VideoMAE config, or of ``[B, F, 3, H, W]`` pixels under it."""
+    if pixel_shape is None:
+        return token_grid(config)
+    _, frames, _, height, width = (int(d) for d in pixel_shape)
+    patch_h, patch_w = _pair(config.patch_size)
+    return frames // config.tubelet_size, height // patch_h, width // patch_w
 
 
 @torch.no_grad()
-def encode_teacher(teacher: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Teacher tokens ``[B, F', H', W', D]`` of ``[B, F, 3, H, W]`` pixel values (no gradient)."""
+def encode_teacher(teacher: nn.Module, pixel_values: torch.Tensor,
+                   expected_grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Teacher tokens ``[B, F', H', W', D]`` of ``[B, F, 3, H, W]`` pixel values (no gradient).
+
+    Before the teacher runs, the pixels' token grid is checked against the one the teacher was built for
+    (its position table) and, if given, against ``expected_grid`` (e.g. ``helper.teacher_input(shape).grid``);
+    a mismatch raises ``ValueError`` naming both grids.
+    """
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5 or pixel_values.shape[2] != 3:
+        raise ValueError(
+            f"pixel_values must be [B, F, 3, H, W], got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point (see prepare_teacher_pixels), got {pixel_values.dtype}")
     config = teacher.config
-    param = next(teacher.parameters())
     batch, frames, _, height, width = pixel_values.shape
-    hidden = teacher(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype)).last_hidden_state
     patch_h, patch_w = _pair(config.patch_size)
-    return hidden.reshape(batch, frames // config.tubelet_size, height // patch_h, width // patch_w, -1)
+    built = token_grid(config)
+    got = teacher_token_grid(config, pixel_values.shape)
+    fmt = lambda g: "x".join(str(int(d)) for d in g)  # noqa: E731
+    if frames % config.tubelet_size or height % patch_h or width % patch_w or got != built:
+        want_h, want_w = _pair(config.image_size)
+        raise ValueError(
+            f"pixel_values {frames}x{height}x{width} (frames x height x width) give a {fmt(got)} token grid, but "
+            f"the teacher was built for a {fmt(built)} grid ({config.num_frames} frames at {want_h}x{want_w}); "
+            "build it with load_videomae_teacher(num_frames=, image_size=) from helper.teacher_input(latent_shape)"
+        )
+    if expected_grid is not None and tuple(int(d) for d in expected_grid) != tuple(built):
+        raise ValueError(
+            f"the teacher gives a {fmt(built)} token grid, but the student aligns to {fmt(expected_grid)}; "
+            "build the teacher from helper.teacher_input(latent_shape)"
+        )
+    param = next(teacher.parameters())
+    hidden = teacher(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype)).last_hidden_state
+    return hidden.reshape(batch, *built, -1)
 
 
 # ------------------------------------------------------------------------------------------- cache
 class TeacherTokenCache:
     """Teacher tokens on disk, one file per clip, computed once.
 
-    At VideoREPA's geometry a clip's tokens are 24x10x15 x 768 = 2,764,800 values: about 5.5 MB in bf16.
+    At VideoREPA's geometry a clip's tokens are 24x10x15 x 768 = 2,764,800 values: about 11 MB in fp32 (the
+    default: VideoREPA runs its teacher in fp32) or 5.5 MB with ``dtype=torch.bfloat16``.
     Each file records ``fingerprint`` (see :func:`teacher_fingerprint`) and the clip key; a file written for
     another teacher or geometry is recomputed, never reused. Writes are atomic (temp file, then rename), so
     several processes can share a cache folder.
     """
 
-    def __init__(self, root: Union[str, os.PathLike], fingerprint: str, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, root: Union[str, os.PathLike], fingerprint: str, dtype: torch.dtype = torch.float32):
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("fingerprint must be a non-empty string identifying the teacher and its geometry")
         self.root = Path(root)
@@ -378,7 +509,10 @@ class TeacherTokenCache:
             return None
         if not isinstance(entry, dict) or entry.get("fingerprint") != self.fingerprint or entry.get("key") != key:
             return None
-        return entry["tokens"]
+        tokens = entry.get("tokens")
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != self.dtype:  # written at another precision
+            return None
+        return tokens
 
     def save(self, key: str, tokens: torch.Tensor) -> Path:
         path = self.path(key)
@@ -412,11 +546,21 @@ class TeacherTokenCache:
 
 
 # ------------------------------------------------------------------------------------------- test helper
-def random_videomae_v2_checkpoint(architecture: Optional[Mapping] = None, seed: int = 0,
-                                  num_classes: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
-    """A random checkpoint in the official VideoMAEv2 layout (``{"module": state_dict}``), for tests and
-    offline demos. q/v biases are non-zero; ``num_classes > 0`` adds the ``fc_norm``/``head`` of a
-    fine-tuned release."""
+def random_videomae_v2_checkpoint(architecture: Optional[Mapping] = None, seed: int = 0, num_classes: int = 0,
+                                  source_num_frames: int = SOURCE_NUM_FRAMES,
+                                  source_image_size=SOURCE_IMAGE_SIZE) -> Dict[str, Dict]:
+    """A random VideoMAEv2 checkpoint in the official layout, to test and demo without the real weights.
+
+    ``torch.save`` it and load it with :func:`load_videomae_teacher` like the official file: the key mapping,
+    q/v-bias checks and position-table resize all run. ``architecture`` overrides sizes of
+    :data:`VIDEOMAE_V2_BASE` (ViT-B); the sizes and the source geometry are stored beside the weights under
+    ``"videomae_v2"``, so the loader needs no ``architecture=``. q/v biases are non-zero; ``num_classes > 0``
+    adds the ``fc_norm``/``head`` of a fine-tuned release. Example::
+
+        torch.save(random_videomae_v2_checkpoint({"hidden_size": 32, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "intermediate_size": 37, "patch_size": 8}), "tiny.pth")
+        teacher = load_videomae_teacher("tiny.pth", num_frames=8, image_size=(16, 24))
+    """
     arch = dict(VIDEOMAE_V2_BASE)
     arch.update(architecture or {})
     gen = torch.Generator().manual_seed(seed)
@@ -444,11 +588,14 @@ def random_videomae_v2_checkpoint(architecture: Optional[Mapping] = None, seed: 
     if num_classes > 0:
         sd.update({"fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim),
                    "head.weight": rand(num_classes, dim), "head.bias": torch.zeros(num_classes)})
-    return {"module": {"module." + k: v for k, v in sd.items()}}
+    meta = {"architecture": {k: int(v) for k, v in arch.items()}, "source_num_frames": int(source_num_frames),
+            "source_image_size": list(_pair(source_image_size))}
+    return {"module": {"module." + k: v for k, v in sd.items()}, METADATA_KEY: meta}
 
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "VIDEOMAE_V2_BASE", "videomae_v2_config", "official_state_dict",
     "convert_videomae_v2_state_dict", "resize_position_table", "load_videomae_teacher", "teacher_fingerprint",
     "prepare_teacher_pixels", "encode_teacher", "TeacherTokenCache", "random_videomae_v2_checkpoint", "token_grid",
+    "infer_videomae_v2_architecture", "teacher_token_grid",
 ]
