@@ -20,7 +20,7 @@ except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vrepa_kernels import trd_loss, trd_loss_reference  # noqa: E402
-from vrepa_kernels.dispatch import resolve_backend  # noqa: E402
+from vrepa_kernels.api import resolve_backend  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
 
 from cases import Case  # noqa: E402

@@ -4,6 +4,7 @@ reference, and (with a GPU) the kernels themselves.
 Without a GPU only the CPU part runs: the twin walks the kernel's schedule with the kernel's epilogue, and
 fragment_selftest checks the tensor-core lane/address arithmetic by emulating ldmatrix and mma.sync.
 """
+import dataclasses
 import itertools
 import math
 import types
@@ -31,17 +32,13 @@ def features(s, t, **kwargs):
 
 def route_torch_backend(monkeypatch, kernel):
     """Route backend='torch' through ``kernel``, so the full op (normalisation, reductions) runs on it."""
-    def pair_kernel(name):
-        assert name == "torch"
-        return kernel
-
-    monkeypatch.setattr(backends, "pair_kernel", pair_kernel)
+    monkeypatch.setitem(backends.REGISTRY, "torch", dataclasses.replace(backends.REGISTRY["torch"], kernel=kernel))
     return "torch"
 
 
 @pytest.fixture
 def twin_as_torch_backend(monkeypatch):
-    return route_torch_backend(monkeypatch, lambda *args: cuda_backend.cpu_twin_pair_sums(*args, threads=2))
+    return route_torch_backend(monkeypatch, lambda *args, **kw: cuda_backend.cpu_twin_pair_sums(*args, threads=2, **kw))
 
 
 def assert_results_equal(got, want):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from vrepa_kernels import trd_loss
 from vrepa_kernels.schedule import balance, strips
 
-from conftest import cpu_backends
+from utils import cpu_backends
 
 SLICES = {2: [23, 37], 4: [11, 1, 29, 19]}  # uneven; frames of 6 tokens straddle ranks
 CASES = [("full", None, "mean"), ("spatial", 10, "mean"), ("temporal", 10, "none"), ("temporal", 4, "sum")]

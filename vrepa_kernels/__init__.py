@@ -1,5 +1,5 @@
 """vrepa_kernels: fused, blockwise Token Relation Distillation (TRD) loss for VideoREPA finetuning."""
-from .dispatch import TRDLoss, trd_loss
+from .api import TRDLoss, trd_loss
 from .reference import trd_loss_reference
 
 __version__ = "0.1.0"

@@ -18,15 +18,15 @@ sequence-parallel group.
 """
 from __future__ import annotations
 
-import inspect
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import backends
-from .features import Features, normalize_backward
-from .function import reduce_sums
+from .features import Features, accumulation_dtype
+from .op import LossCall, blockwise_trd_loss, check_finite_inputs, input_gradients, reduce_sums
 from .relation import canonicalize
 
 
@@ -39,54 +39,44 @@ def _gather_rows(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
     return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
-class _SequenceParallelTRD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, spec, sizes, backend, need_s, need_t, deterministic, group):
+@dataclass(frozen=True)
+class ShardedLossCall(LossCall):
+    """A :class:`~vrepa_kernels.op.LossCall` over token shards: the op's autograd rules, this forward."""
+
+    sizes: Tuple[int, ...] = ()
+    group: object = None
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, need_s: bool, need_t: bool):
+        group, sizes = self.group, list(self.sizes)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         offset = sum(sizes[:rank])
         rows = slice(offset, offset + student.shape[1])
-        feats_s = Features.of(_gather_rows(student.detach(), sizes, group))
-        feats_t = Features.of(_gather_rows(teacher.detach(), sizes, group))
-        kernel = backends.pair_kernel(backend)
-        split = "part" in inspect.signature(kernel).parameters
+        feats_s = Features.of(_gather_rows(student, sizes, group))
+        feats_t = Features.of(_gather_rows(teacher, sizes, group))
+        backend = backends.get(self.backend)
+        # A backend without work splitting computes everything on every rank: exact, nothing to reduce.
+        split = dict(part=(rank, world)) if backend.splits_across_ranks else {}
+        sums, g_s, g_t = backend.pair_sums(feats_s, feats_t, self.spec, need_s, need_t, self.deterministic,
+                                           algorithm=self.algorithm, **split)
+        sums = sums.to(accumulation_dtype(student.dtype))
         if split:
-            sums, g_s, g_t = kernel(feats_s, feats_t, spec, need_s, need_t, deterministic, part=(rank, world))
-        else:  # a backend without work splitting computes everything on every rank: exact, no reduction
-            sums, g_s, g_t = kernel(feats_s, feats_t, spec, need_s, need_t, deterministic)
-        sums = sums.to(feats_s.norm.dtype)
-        if split:
-            dist.all_reduce(sums, group=group)
-        loss, scale = reduce_sums(sums, spec)
-        grads = []
-        for need, g, feats in ((need_s, g_s, feats_s), (need_t, g_t, feats_t)):
-            if not need:
-                grads.append(None)
-                continue
-            if split:
-                dist.all_reduce(g, group=group)
-            local = Features(feats.values[:, rows], feats.norm[:, rows])
-            grads.append(normalize_backward(g[:, rows] * scale, local.unit(), local.norm))
-        ctx.grads = grads
-        ctx.dtypes = (student.dtype, teacher.dtype)
-        return loss
+            for x in (sums, g_s, g_t):
+                if x is not None:
+                    dist.all_reduce(x, group=group)
+        loss, scale = reduce_sums(sums, self.spec)
+        g_s, g_t = input_gradients(g_s, g_t, feats_s, feats_t, scale, rows)
+        return loss, g_s, g_t
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        out = []
-        for g, dtype in zip(ctx.grads, ctx.dtypes):
-            if g is None:
-                out.append(None)
-                continue
-            scale = grad_loss.to(g.dtype)
-            out.append((g * (scale.reshape(-1, 1, 1) if scale.dim() == 1 else scale)).to(dtype))
-        return (out[0], out[1]) + (None,) * 7
+    def second_order_unsupported(self) -> Optional[str]:
+        return ("trd_loss(..., process_group=...) computes first-order gradients only; for second-order "
+                "gradients (create_graph=True, torch.func) call trd_loss without process_group on the "
+                "whole sequence")
 
 
 def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,
-                               deterministic, process_group, check_finite: bool = False) -> torch.Tensor:
+                               deterministic, process_group, check_finite: bool = False,
+                               algorithm: str = "auto") -> torch.Tensor:
     """:func:`vrepa_kernels.trd_loss` over token shards; see the module docstring."""
-    from .dispatch import resolve_backend
-
     group = process_group
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group= needs an initialised torch.distributed process group")
@@ -101,9 +91,7 @@ def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, r
         student, teacher, _ = canonicalize(student, teacher, margin, "full", None, reduction)
         meta = [student.shape[0], student.shape[1], student.shape[2], teacher.shape[2]]
         if check_finite:
-            for arg, x in (("student", student), ("teacher", teacher)):
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"{arg} holds NaN or Inf values (check_finite=True)")
+            check_finite_inputs(student, teacher)
     except (TypeError, ValueError) as exc:
         error = exc
     device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
@@ -124,10 +112,8 @@ def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, r
     # The relation and frames refer to the whole sequence.
     whole = torch.empty(meta[0], sum(sizes), 1, device="meta")
     _, _, spec = canonicalize(whole, whole, margin, relation, num_frames, reduction)
-    name = resolve_backend(backend, student.device, student.dtype, spec)
-    if name == "reference":
+    if backend == "reference":
         raise ValueError("backend='reference' materialises N x N and has no sequence-parallel form")
-    grad_on = torch.is_grad_enabled()
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return _SequenceParallelTRD.apply(student, teacher, spec, sizes, name, grad_on and student.requires_grad,
-                                      grad_on and teacher.requires_grad, deterministic, group)
+    name = backends.resolve(backend, student.device, student.dtype, spec)
+    call = ShardedLossCall.of(student, teacher, spec, name, deterministic, algorithm, sizes=tuple(sizes), group=group)
+    return blockwise_trd_loss(student, teacher, call)

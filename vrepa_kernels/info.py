@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .backends import cuda as cuda_backend
-from .dispatch import BACKENDS, triton_unavailable_reason
+from .backends import REGISTRY
 
 
 def _triton_version() -> str:
@@ -30,12 +30,7 @@ def _cuda_version(code: int) -> str:
 
 def usable_backends(device: torch.device) -> List[str]:
     """Concrete backends that can run on ``device`` now ("reference" and "torch" run anywhere)."""
-    names = ["reference", "torch"]
-    if triton_unavailable_reason(device) is None:
-        names.append("triton")
-    if cuda_backend.unavailable_reason(device) is None:
-        names.append("cuda")
-    return [n for n in names if n in BACKENDS]
+    return ["reference"] + [name for name, backend in REGISTRY.items() if backend.unavailable_reason(device) is None]
 
 
 def report() -> List[str]:

@@ -1,56 +1,30 @@
 """Public API: ``trd_loss`` and ``TRDLoss``. Validates, picks a backend, and calls the shared op."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .function import blockwise_trd_loss
+from . import backends
+from .distributed import sequence_parallel_trd_loss
+from .op import ALGORITHMS, LossCall, blockwise_trd_loss, check_finite_inputs
 from .reference import reference_loss
 from .relation import canonicalize
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+BACKENDS = ("auto", "reference") + tuple(backends.REGISTRY)
 
 
-def triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    """None when the Triton backend can run on ``device``, else why it can't."""
-    from .backends import triton_kernels
-
-    if not triton_kernels.HAS_TRITON:
-        return f"triton is not installed ({triton_kernels.IMPORT_ERROR})"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-    return f"device {device} is not supported by triton"
+def check_choice(arg: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, spec=None) -> str:
     """Map ``backend`` (possibly "auto") to a concrete, usable backend, or raise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from .backends import cuda
-
-    if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64:
-            cuda_ok = cuda.unavailable_reason(device) is None
-            triton_ok = triton_unavailable_reason(device) is None
-            if cuda_ok and (not triton_ok or cuda.preferred(spec, dtype)):
-                return "cuda"
-            if triton_ok:
-                return "triton"
-        return "torch"
-    if backend in ("triton", "cuda"):
-        reason = triton_unavailable_reason(device) if backend == "triton" else cuda.unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
-        if dtype == torch.float64:
-            raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, got torch.float64; "
-                            "use backend='torch' for float64")
-    return backend
+    check_choice("backend", backend, BACKENDS)
+    if backend == "reference":
+        return backend
+    return backends.resolve(backend, device, dtype, spec)
 
 
 def _autocast_inputs(student: torch.Tensor, teacher: torch.Tensor):
@@ -72,6 +46,7 @@ def trd_loss(
     deterministic: bool = False,
     check_finite: bool = False,
     process_group=None,
+    algorithm: str = "auto",
 ) -> torch.Tensor:
     """Token Relation Distillation loss (VideoREPA, arXiv 2505.23656), computed blockwise.
 
@@ -89,31 +64,36 @@ def trd_loss(
         process_group: a ``torch.distributed`` group over which the tokens are sharded (sequence
             parallelism): each rank passes its contiguous ``[B, N_r, D]`` slice and gets the loss of the
             whole sequence; see :mod:`vrepa_kernels.distributed`.
+        algorithm: the training path of the ``"triton"`` and ``"cuda"`` backends: ``"two_pass"`` (a
+            relation pass writes a 2-bit sign map of about N²/8 bytes per sample, then a gradient pass
+            without atomics; see :mod:`vrepa_kernels.sign_map`), ``"memory_minimal"`` (one fused pass,
+            O(B·N·D) memory) or ``"auto"`` (two-pass unless the map exceeds the backend's memory budget).
+            The torch backend has one path and ignores it.
+
+    Gradients of any order: double backward (``create_graph=True``) and ``torch.func`` transforms
+    (``grad``, ``jacrev``, ``jacfwd``, ``jvp``, ``vmap``) are exact almost everywhere (the loss is
+    piecewise linear in the relation gap). Second-order terms run the torch backend's blockwise sign
+    product whatever the backend; see :mod:`vrepa_kernels.op`. With ``process_group=`` only first-order
+    gradients are available.
 
     Under ``torch.autocast`` fp32 inputs are cast to the autocast dtype first, so the result equals
     that of explicit low-precision inputs; gradients still come back in the inputs' own dtype.
     """
+    check_choice("algorithm", algorithm, ALGORITHMS)
     if process_group is not None:
-        from .distributed import sequence_parallel_trd_loss
-
         if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
             student, teacher = _autocast_inputs(student, teacher)
         return sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,
-                                          deterministic, process_group, check_finite)
+                                          deterministic, process_group, check_finite, algorithm)
     s, t, spec = canonicalize(student, teacher, margin, relation, num_frames, reduction)
     s, t = _autocast_inputs(s, t)
     if check_finite:
-        for arg, x in (("student", s), ("teacher", t)):
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{arg} holds NaN or Inf values (check_finite=True)")
+        check_finite_inputs(s, t)
     name = resolve_backend(backend, s.device, s.dtype, spec)
     if name == "reference":
         return reference_loss(s, t, spec)
-    grad_on = torch.is_grad_enabled()
-    need_s = grad_on and s.requires_grad
-    need_t = grad_on and t.requires_grad
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return blockwise_trd_loss(s, t, spec, name, need_s, need_t, deterministic)
+    return blockwise_trd_loss(s, t, LossCall.of(s, t, spec, name, deterministic, algorithm))
+
 
 
 class TRDLoss(torch.nn.Module):
@@ -121,21 +101,21 @@ class TRDLoss(torch.nn.Module):
 
     def __init__(self, margin: float = 0.1, relation: str = "full", num_frames: Optional[int] = None,
                  reduction: str = "mean", backend: str = "auto", deterministic: bool = False,
-                 check_finite: bool = False):
+                 check_finite: bool = False, algorithm: str = "auto"):
         super().__init__()
         # Validate the static arguments now, so a typo fails at construction.
         probe = torch.zeros(1, 2 if relation == "temporal" else 1, 1, 1)
         canonicalize(probe, probe, margin, relation, None, reduction)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, BACKENDS)
+        check_choice("algorithm", algorithm, ALGORITHMS)
         self.margin, self.relation, self.num_frames = margin, relation, num_frames
         self.reduction, self.backend, self.deterministic = reduction, backend, deterministic
-        self.check_finite = check_finite
+        self.check_finite, self.algorithm = check_finite, algorithm
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return trd_loss(student, teacher, self.margin, self.relation, self.num_frames, self.reduction,
-                        self.backend, self.deterministic, self.check_finite)
+                        self.backend, self.deterministic, self.check_finite, algorithm=self.algorithm)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, relation={self.relation!r}, num_frames={self.num_frames}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}, algorithm={self.algorithm!r}")

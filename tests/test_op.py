@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from vrepa_kernels import trd_loss
 from vrepa_kernels.features import NORMALIZE_EPS, Features, normalize_backward
-from vrepa_kernels.function import trd_loss_forward
+from vrepa_kernels.op import trd_loss_forward
 
-from conftest import cpu_backends
+from utils import cpu_backends
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-11, 1e-12, 1e-13, 0.0])
@@ -68,12 +68,13 @@ def test_custom_op_fake_tensor_shapes():
 
     with FakeTensorMode():
         s, t = torch.empty(3, 10, 6), torch.empty(3, 10, 4, dtype=torch.float32)
-        loss, g_s, g_t = trd_loss_forward(s, t, 0.1, "spatial", 5, "none", False, "torch", True, False, False)
+        loss, g_s, g_t = trd_loss_forward(s, t, 0.1, "spatial", 5, "none", False, "torch", True, False, False,
+                                          "auto")
     assert loss.shape == (3,) and g_s.shape == (3, 10, 6) and g_t.numel() == 0
 
 
 def test_custom_op_passes_opcheck():
     s = torch.randn(2, 10, 6, requires_grad=True)
     t = torch.randn(2, 10, 4)
-    torch.library.opcheck(trd_loss_forward, (s, t, 0.1, "full", 0, "mean", False, "torch", True, False, False),
+    torch.library.opcheck(trd_loss_forward, (s, t, 0.1, "full", 0, "mean", False, "torch", True, False, False, "auto"),
                           test_utils=("test_schema", "test_faketensor"))

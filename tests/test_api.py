@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from vrepa_kernels import TRDLoss, trd_loss, trd_loss_reference
-from vrepa_kernels.dispatch import resolve_backend
+from vrepa_kernels.api import resolve_backend
 
-from conftest import make_pair
+from utils import make_pair
 
 
 def test_auto_uses_torch_on_cpu():
@@ -81,7 +81,7 @@ def test_check_finite_raises_naming_the_argument():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_use_deterministic_algorithms_is_bitwise_repeatable(backend):
-    from conftest import assert_bitwise_repeatable, cpu_backends
+    from utils import assert_bitwise_repeatable, cpu_backends
 
     if backend not in cpu_backends():
         pytest.skip(f"{backend} is not usable on CPU here")
