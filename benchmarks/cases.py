@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ class Case:
     relation: str = "full"
     margin: float = 0.1
     label: str = ""  # preset name shown in the report, e.g. "videorepa"
+    extra_impls: Tuple[str, ...] = ()  # opt-in implementations this case also times (unless --impls is given)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,13 +77,6 @@ def useful_flops(case: Case) -> int:
     return case.batch * per_sample
 
 
-def attention_flops(case: Case) -> int:
-    """FLOPs of non-causal attention with q = k = v = the student features (the flash-attention convention:
-    4 N^2 D forward, 2.5x that backward)."""
-    fwd = 4 * case.batch * case.n ** 2 * case.ds
-    return fwd if case.mode == "fwd" else int(3.5 * fwd)
-
-
 def _grid(n: int, frames: int = 16) -> Dict[str, int]:
     """A frames x tokens_per_frame grid of n tokens (frames only shapes the spatial/temporal relations)."""
     while n % frames:
@@ -94,9 +88,11 @@ def _sweep(ns, d, **kw) -> List[Case]:
     return [Case(batch=1, ds=d, dt=d, **_grid(n), **kw) for n in ns]
 
 
-# The shapes the issue names.
+# The shapes the issues name: VideoREPA's training shape, CogVideoX's 480x720 latent grid, 720p at 33
+# and 81 frames (latent 45 x 80 per frame).
 VIDEOREPA = Case(batch=2, frames=24, tokens_per_frame=150, ds=768, dt=768, label="videorepa")
 COGVIDEOX_FULL = Case(batch=1, frames=13, tokens_per_frame=30 * 45, ds=768, dt=768, label="cogvideox-full")
+HD_720P_SHORT = Case(batch=1, frames=9, tokens_per_frame=45 * 80, ds=768, dt=768, label="720p-9f")
 HD_720P = Case(batch=1, frames=21, tokens_per_frame=45 * 80, ds=768, dt=768, label="720p")
 CPU_TARGET = Case(batch=1, frames=16, tokens_per_frame=256, ds=256, dt=256, label="cpu-target")
 
@@ -121,19 +117,25 @@ def _cpu(device: str) -> List[Case]:
 
 
 def _gpu(device: str) -> List[Case]:
-    bf16 = dict(dtype="bf16")
-    cases = _sweep([2048, 4096, 8192], 768, label="gpu-sweep", **bf16)
-    cases += [replace(COGVIDEOX_FULL, **bf16), replace(HD_720P, **bf16)]
-    cases += [replace(COGVIDEOX_FULL, mode="fwd", **bf16), replace(COGVIDEOX_FULL, dtype="fp32")]
-    cases += [replace(COGVIDEOX_FULL, ds=ds, label="Ds!=Dt", **bf16) for ds in (1920, 3072)]
-    cases += [replace(VIDEOREPA, relation=r, **bf16) for r in ("full", "spatial", "temporal")]
+    """bf16 fwd+bwd at N = 3,600 (B = 2), 17,550, 32,400 and 75,600; the acq_rel variant at 17,550 only."""
+    cases = [replace(c, dtype="bf16") for c in (VIDEOREPA, COGVIDEOX_FULL, HD_720P_SHORT, HD_720P)]
+    cases[1] = replace(cases[1], extra_impls=("triton-acqrel",))
     return cases
+
+
+def _gpu_extra(device: str) -> List[Case]:
+    """What --gpu left out: loss only, fp32, Ds != Dt and the relations."""
+    bf16 = dict(dtype="bf16")
+    cases = [replace(COGVIDEOX_FULL, mode="fwd", **bf16), replace(COGVIDEOX_FULL, dtype="fp32")]
+    cases += [replace(COGVIDEOX_FULL, ds=ds, label="Ds!=Dt", **bf16) for ds in (1920, 3072)]
+    return cases + [replace(VIDEOREPA, relation=r, **bf16) for r in ("spatial", "temporal")]
 
 
 PRESETS = {
     "quick": _quick,
     "cpu": _cpu,
     "gpu": _gpu,
+    "gpu-extra": _gpu_extra,
     "videorepa": lambda device: [replace(VIDEOREPA, relation=r, dtype=d)
                                  for d in ("fp32", "bf16") for r in ("full", "spatial", "temporal")],
     "cogvideox-full": lambda device: [replace(COGVIDEOX_FULL, dtype=d) for d in ("fp32", "bf16")],

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -21,14 +22,15 @@ except ImportError:  # a checkout that was not pip-installed
 
 from vrepa_kernels import trd_loss, trd_loss_reference  # noqa: E402
 from vrepa_kernels.api import resolve_backend  # noqa: E402
+from vrepa_kernels.features import Features, normalize_backward  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
 
 from cases import Case  # noqa: E402
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Peak bytes per kept-or-not (i, j) pair that the materialising forms need in fwd+bwd, measured on CPU
-# fp32 (see benchmarks/README.md); used to refuse CPU shapes that would not fit instead of swapping.
+# Peak bytes per (i, j) pair that the materialising forms need in fwd+bwd, measured on CPU fp32 (see
+# benchmarks/README.md); used to refuse CPU shapes that would not fit instead of swapping.
 QUADRATIC_BYTES_PER_PAIR = 28
 
 
@@ -41,8 +43,8 @@ class Impl:
     name: str
     description: str
     build: Callable[[Case, torch.device], LossFn]
-    kind: str = "trd"  # "trd", or "attention" for reference columns that compute something else
     quadratic_memory: bool = False  # materialises B x N x N tensors
+    default: bool = True  # timed unless --impls names others; opt-in ones also run where a preset asks
 
 
 def _naive(case: Case, device: torch.device) -> LossFn:
@@ -50,92 +52,91 @@ def _naive(case: Case, device: torch.device) -> LossFn:
 
 
 class _CompiledReference:
-    """``torch.compile(trd_loss_reference)`` with default settings, recompiled fresh per group of cases.
-
-    Dynamo's caches are reset whenever (device, dtype, relation, mode) changes, and hitting the recompile
-    limit raises instead of silently running eager code, so the column always times compiled code.
-    """
+    """``torch.compile(trd_loss_reference)``, default settings, compiled afresh per (device, dtype, relation,
+    mode); hitting the recompile limit raises instead of silently timing eager code."""
 
     def __init__(self):
-        self.group = None
-        self.fn = None
+        self.group, self.fn = None, None
 
     def __call__(self, case: Case, device: torch.device) -> LossFn:
-        if not hasattr(torch, "compile"):
-            raise Unavailable(f"torch {torch.__version__} has no torch.compile")
         if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
             raise Unavailable("torch.compile on CPU needs a C++ compiler, and none was found")
         import torch._dynamo as dynamo
 
         group = (device.type, case.dtype, case.relation, case.mode)
         if group != self.group:
-            for knob, value in (("cache_size_limit", 64), ("recompile_limit", 64),
+            for knob, value in (("cache_size_limit", 64), ("recompile_limit", 64),  # older and newer torch
                                 ("fail_on_cache_limit_hit", True), ("fail_on_recompile_limit_hit", True)):
                 if hasattr(dynamo.config, knob):
                     setattr(dynamo.config, knob, value)
             dynamo.reset()
-            try:
-                self.fn = torch.compile(trd_loss_reference)
-            except Exception as err:  # noqa: BLE001 - e.g. an unsupported Python version
-                raise Unavailable(f"torch.compile failed: {err}") from None
-            self.group = group
+            self.fn, self.group = torch.compile(trd_loss_reference), group
         fn = self.fn
         return lambda s, t: fn(s, t, case.margin, case.relation, case.num_frames)
 
 
-def _library(backend: str, deterministic: bool = False):
+def _check_backend(backend: str, case: Case, device: torch.device) -> None:
+    if backend == "triton" and device.type == "cpu":
+        raise Unavailable("Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1), no speed path")
+    try:
+        resolve_backend(backend, device, case.torch_dtype)
+    except (RuntimeError, TypeError) as err:
+        raise Unavailable(str(err)) from None
+
+
+def _library(backend: str, algorithm: Optional[str] = None):
+    """``trd_loss(backend=...)``, with ``algorithm=`` when given (else the library's own choice)."""
     def build(case: Case, device: torch.device) -> LossFn:
-        if backend == "triton" and device.type == "cpu":
-            raise Unavailable("Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1), no speed path")
-        try:
-            resolve_backend(backend, device, case.torch_dtype)
-        except (RuntimeError, TypeError) as err:
-            raise Unavailable(str(err)) from None
-        return lambda s, t: trd_loss(s, t, case.margin, case.relation, case.num_frames, backend=backend,
-                                     deterministic=deterministic)
+        _check_backend(backend, case, device)
+        kw = {}
+        if algorithm is not None:
+            if "algorithm" not in inspect.signature(trd_loss).parameters:
+                raise Unavailable("trd_loss takes no algorithm= keyword in this checkout")
+            kw["algorithm"] = algorithm
+        return lambda s, t: trd_loss(s, t, case.margin, case.relation, case.num_frames, backend=backend, **kw)
 
     return build
 
 
-def _head_dim(case: Case, device: torch.device) -> int:
-    if device.type != "cuda":
-        raise Unavailable("attention reference columns run on CUDA only")
-    if case.dtype not in ("bf16", "fp16"):
-        raise Unavailable("flash attention kernels take bf16/fp16 only")
-    for head_dim in (128, 64):
-        if case.ds % head_dim == 0:
-            return head_dim
-    raise Unavailable(f"Ds={case.ds} is not a multiple of a flash-attention head size (64, 128)")
+class _KernelLoss(torch.autograd.Function):
+    """The loss (reduction "mean") and student gradient from a ``pair_sums`` call, for a kernel config that
+    trd_loss does not expose; the normalisation and its backward are the library's."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, spec, run):
+        feats_s = Features.of(student)
+        sums, g_hat, _ = run(feats_s, Features.of(teacher), spec)
+        scale = 1.0 / (spec.pairs_per_sample * spec.batch)
+        ctx.grad = normalize_backward(g_hat * scale, feats_s.unit(), feats_s.norm).to(student.dtype)
+        return sums.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return ctx.grad * grad_loss.to(ctx.grad.dtype), None, None, None
 
 
-def _flash_attn(case: Case, device: torch.device) -> LossFn:
-    head_dim = _head_dim(case, device)
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError as err:
-        raise Unavailable(f"flash-attn is not installed ({err})") from None
+def _triton_acqrel(case: Case, device: torch.device) -> LossFn:
+    """The memory-minimal Triton kernel with the acq_rel atomics it shipped with (one run settles a model)."""
+    from vrepa_kernels.backends import triton_kernels as tk
 
-    def attention(s, t):
-        q = s.view(case.batch, case.n, case.ds // head_dim, head_dim)  # q = k = v = the student features
-        return flash_attn_func(q, q, q).sum(dtype=torch.float32)
+    if case.mode != "fwd+bwd":
+        raise Unavailable("the atomics run in training passes only")
+    takes = lambda k, name: name in (getattr(k, "arg_names", None) or getattr(getattr(k, "fn", None), "arg_names", ()))
+    if not any(takes(k, "ATOMIC_SEM") for k in vars(tk).values()):
+        raise Unavailable("no Triton kernel in this checkout takes the ATOMIC_SEM config key")
+    if "algorithm" not in inspect.signature(tk.pair_sums).parameters:
+        raise Unavailable("triton_kernels.pair_sums takes no algorithm= keyword in this checkout")
+    _check_backend("triton", case, device)
+    config = {**tk.default_config(case.torch_dtype), "ATOMIC_SEM": "acq_rel"}
 
-    return attention
+    def run(feats_s, feats_t, spec):
+        return tk.pair_sums(feats_s, feats_t, spec, True, False, algorithm="memory_minimal", config=config)
 
+    def loss_fn(s, t):
+        s, t, spec = canonicalize(s, t, case.margin, case.relation, case.num_frames)
+        return _KernelLoss.apply(s, t.detach(), spec, run)
 
-def _sdpa_flash(case: Case, device: torch.device) -> LossFn:
-    head_dim = _head_dim(case, device)
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError as err:
-        raise Unavailable(f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel ({err})") from None
-
-    def attention(s, t):
-        q = s.view(case.batch, case.n, case.ds // head_dim, head_dim).transpose(1, 2)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        return out.sum(dtype=torch.float32)
-
-    return attention
+    return loss_fn
 
 
 REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in [
@@ -144,26 +145,23 @@ REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in [
     Impl("compiled", "torch.compile(trd_loss_reference), default settings", _CompiledReference(),
          quadratic_memory=True),
     Impl("torch", 'trd_loss(backend="torch"): blockwise PyTorch strips', _library("torch")),
-    Impl("triton", 'trd_loss(backend="triton"): fused Triton kernel', _library("triton")),
-    Impl("triton-det", 'trd_loss(backend="triton", deterministic=True): row-owned tiles, no atomics',
-         _library("triton", deterministic=True)),
-    Impl("cuda", 'trd_loss(backend="cuda"): CUDA C++ extension', _library("cuda")),
-    Impl("cuda-det", 'trd_loss(backend="cuda", deterministic=True): no atomics', _library("cuda", deterministic=True)),
-    Impl("flash-attn", "flash_attn_func(q, q, q), q = student features: attention reference (not TRD)",
-         _flash_attn, kind="attention"),
-    Impl("sdpa-flash", "torch SDPA, flash backend, q = k = v = student: attention reference (not TRD)",
-         _sdpa_flash, kind="attention"),
+    Impl("triton", 'trd_loss(backend="triton"): the default (two-pass) algorithm', _library("triton")),
+    Impl("triton-minimal", 'trd_loss(backend="triton", algorithm="memory_minimal"): fused, no sign map',
+         _library("triton", "memory_minimal")),
+    Impl("triton-acqrel", "triton-minimal's kernel with acq_rel atomics (ATOMIC_SEM), via pair_sums",
+         _triton_acqrel, default=False),
+    Impl("cuda", 'trd_loss(backend="cuda"): the default (two-pass) algorithm', _library("cuda")),
+    Impl("cuda-minimal", 'trd_loss(backend="cuda", algorithm="memory_minimal"): fused, no sign map',
+         _library("cuda", "memory_minimal")),
 ]}
 
 
-def select(names: Optional[List[str]]) -> List[Impl]:
-    """The named implementations (all by default), in registry order."""
-    if not names:
-        return list(REGISTRY.values())
-    unknown = [n for n in names if n not in REGISTRY]
+def select(names: Optional[List[str]], extra: tuple = ()) -> List[Impl]:
+    """The named implementations (default: the default ones plus ``extra``), in registry order."""
+    unknown = [n for n in list(names or []) + list(extra) if n not in REGISTRY]
     if unknown:
         raise ValueError(f"impls must be among {tuple(REGISTRY)}, got unknown {unknown}")
-    return [impl for name, impl in REGISTRY.items() if name in names]
+    return [impl for name, impl in REGISTRY.items() if (name in names if names else impl.default or name in extra)]
 
 
 def default_backend(case: Case, student: torch.Tensor, teacher: torch.Tensor) -> str:
@@ -186,14 +184,13 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
 
 def make_step(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor, mode: str):
     """One timed call: the loss alone under no_grad ("fwd"), or loss plus student gradient ("fwd+bwd")."""
-    if mode == "fwd":
-        def step():
+    def step():
+        if mode == "fwd":
             with torch.no_grad():
                 return loss_fn(student, teacher).detach()
-    else:
-        def step():
-            student.grad = None
-            loss = loss_fn(student, teacher)
-            loss.backward()
-            return loss.detach()
+        student.grad = None
+        loss = loss_fn(student, teacher)
+        loss.backward()
+        return loss.detach()
+
     return step

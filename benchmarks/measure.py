@@ -1,4 +1,4 @@
-"""Timing, peak-memory and environment helpers shared by the CLI and the pytest-benchmark tests.
+"""The one timer, peak memory and the run's environment, shared by every benchmark script here.
 
 Timing is round-robin: every implementation of one case runs once per round, in a rotating order, so a
 noisy (shared) CPU slows all of them alike and the ratios between them stay meaningful.
@@ -21,31 +21,21 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---------------------------------------------------------------------------------------------- OOM
 def add_repeat_args(parser, what: str = "timed rounds") -> None:
-    """The repeat and disturbance options that every benchmark CLI here shares."""
+    """The repeat options that every benchmark CLI here shares."""
     parser.add_argument("--min-reps", type=int, default=5, help=f"{what} at least")
     parser.add_argument("--max-reps", type=int, default=50, help=f"{what} at most")
     parser.add_argument("--min-time", type=float, default=1.0, help=f"seconds of {what} at least")
     parser.add_argument("--max-time", type=float, default=15.0, help=f"seconds of {what} at most")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="CPU: re-time up to this often while other processes disturb the timing")
-    parser.add_argument("--max-foreign-load", type=float, default=0.25,
-                        help="CPU: cores other processes may keep busy while timing before it is redone")
-    parser.add_argument("--retry-wait", type=float, default=3.0, help="seconds to wait before re-timing")
 
 
 def is_oom(err: BaseException) -> bool:
     """Whether ``err`` is an out-of-memory failure (CUDA or host)."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if oom_types and isinstance(err, oom_types):
-        return True
-    if isinstance(err, MemoryError):
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "failed to allocate" in text
-                                              or "can't allocate memory" in text)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("out of memory", "failed to allocate", "can't allocate memory"))
 
 
 def release_memory(device: torch.device) -> None:
@@ -53,18 +43,12 @@ def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    else:
-        _trim_heap()
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once_ms(step: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call of ``step`` in ms, with the device's queue drained on both sides."""
+def time_ms(step: Callable[[], object], device: torch.device) -> float:
+    """The timer: one call of ``step`` in ms. CUDA: events around the call, the queue drained first.
+    CPU: ``time.perf_counter``."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -79,23 +63,17 @@ def time_once_ms(step: Callable[[], object], device: torch.device) -> float:
 
 
 def time_round_robin(steps: Dict[str, Callable[[], object]], device: torch.device, min_reps: int = 5,
-                     max_reps: int = 50, min_time_s: float = 1.0, max_time_s: float = 20.0,
+                     max_reps: int = 50, min_time_s: float = 1.0, max_time_s: float = 15.0,
                      on_error: Optional[Callable[[str, BaseException], None]] = None) -> Dict[str, List[float]]:
-    """Time every step once per round until ``min_reps`` rounds and ``min_time_s`` have passed.
-
-    Stops early at ``max_reps`` rounds, or once ``max_time_s`` is spent and 3 rounds are done. A step that
-    raises leaves the rotation and is reported through ``on_error`` (which re-raises when it is None).
-    Callers warm every step up first: this only measures.
-    """
+    """Time every (warmed-up) step once per round until ``min_reps`` rounds and ``min_time_s`` have passed;
+    stop at ``max_reps`` rounds, or at ``max_time_s`` once 3 rounds are done. A step that raises leaves
+    the rotation and goes to ``on_error`` (re-raised when that is None)."""
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    live = list(steps)
-    t_start = time.perf_counter()
-    rounds = 0
+    live, rounds, t_start = list(steps), 0, time.perf_counter()
     while live and rounds < max_reps:
-        order = live[rounds % len(live):] + live[:rounds % len(live)]
-        for name in order:
+        for name in live[rounds % len(live):] + live[:rounds % len(live)]:
             try:
-                times[name].append(time_once_ms(steps[name], device))
+                times[name].append(time_ms(steps[name], device))
             except Exception as err:  # noqa: BLE001 - OOM and friends are recorded, never raised
                 if on_error is None:
                     raise
@@ -109,94 +87,47 @@ def time_round_robin(steps: Dict[str, Callable[[], object]], device: torch.devic
     return times
 
 
-class ForeignCpuMeter:
-    """Average number of CPU cores that *other* processes (and the hypervisor's steal) kept busy between
-    ``start()`` and ``stop()``: how much a shared machine disturbed a CPU timing. None off Linux."""
-
-    def __init__(self):
-        self._start = None
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-            with open("/proc/self/stat") as f:
-                after_name = f.read().rsplit(")", 1)[1].split()
-            own = int(after_name[11]) + int(after_name[12])  # utime + stime of all threads
-        except (OSError, ValueError, IndexError):
-            return None
-        return user + nice + system + irq + softirq + steal, own, time.monotonic()
-
-    def start(self) -> None:
-        self._start = self._sample()
-
-    def stop(self) -> Optional[float]:
-        end = self._sample()
-        if self._start is None or end is None or end[2] <= self._start[2]:
-            return None
-        busy, own, wall = (b - a for a, b in zip(self._start, end))
-        return max(0.0, (busy - own) / os.sysconf("SC_CLK_TCK") / wall)
-
-
 def summarize_ms(samples: List[float]) -> Dict[str, float]:
     """Median, quartiles and range of repeated timings."""
-    ordered = sorted(samples)
-    if len(ordered) >= 2:
-        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        p25 = p75 = ordered[0]
-    return dict(time_ms_median=statistics.median(ordered), time_ms_p25=p25, time_ms_p75=p75,
-                time_ms_min=ordered[0], time_ms_max=ordered[-1], reps=len(ordered))
+    s = sorted(samples)
+    p25, _, p75 = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else (s[0],) * 3
+    return dict(time_ms_median=statistics.median(s), time_ms_p25=p25, time_ms_p75=p75, time_ms_min=s[0],
+                time_ms_max=s[-1], reps=len(s))
+
+
+def foreign_cpu_cores(run: Callable[[], object]):
+    """``(run(), cores that other processes kept busy meanwhile)``: how much a shared machine disturbed a
+    CPU timing, from /proc/stat (None where it cannot be read)."""
+    def sample():
+        try:
+            with open("/proc/stat") as f:  # cpu  user nice system idle iowait irq softirq steal ...
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()  # this process, all threads
+        return sum(ticks) - ticks[3] - ticks[4], (own.user + own.system) * os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+    before = sample()
+    out = run()
+    after = sample()
+    if before is None or after is None or after[2] <= before[2]:
+        return out, None
+    busy, own, wall = (b - a for a, b in zip(before, after))
+    return out, max(0.0, (busy - own) / os.sysconf("SC_CLK_TCK") / wall)
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _trim_heap() -> None:
-    """Hand free heap pages back to the OS, so that reusing them cannot hide the next call's RSS growth.
-
-    (The allocator itself is left as users get it: fixing glibc's mmap threshold would make every large
-    temporary a fresh, page-faulting mapping and slow the timings down.)
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; Linux >= 4.0 only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _vm_kib(key: str) -> Optional[int]:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
 def peak_memory_mb(step: Callable[[], object], device: torch.device) -> Optional[float]:
     """Peak memory growth of one call of ``step`` in MiB, above what was allocated before it.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the growth of the process's peak RSS
-    (VmHWM, reset through /proc/self/clear_refs), or None where the OS cannot reset it.
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU (Linux; None elsewhere): the growth of
+    the process's peak resident set (VmHWM), reset to the current size before the call. glibc keeps freed
+    heap pages for reuse, which would hide growth, so they are handed back to the OS first (malloc_trim).
     """
     release_memory(device)
     if device.type == "cuda":
@@ -205,26 +136,15 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> Optional
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    if not _reset_rss_peak():
-        return None
-    base = _proc_status_kib("VmRSS")
-    step()
-    peak = _proc_status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return (peak - base) / 1024
-
-
-def total_ram_gib() -> Optional[float]:
-    kib = None
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    kib = int(line.split()[1])
-    except OSError:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        base = _vm_kib("VmRSS")
+        step()
+        return (_vm_kib("VmHWM") - base) / 1024
+    except (OSError, AttributeError, StopIteration):
         return None
-    return kib / 2 ** 20 if kib else None
 
 
 # ---------------------------------------------------------------------------------------------- GEMM probe
@@ -244,10 +164,7 @@ def device_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
@@ -257,20 +174,17 @@ def device_slug(device: torch.device) -> str:
     """Short folder-safe device name: 'cpu', or e.g. 'nvidia-h100-80gb-hbm3'."""
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+    return "-".join("".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name(device).lower()).split())
 
 
 def git_commit() -> str:
     """HEAD's hash, with '+dirty' when tracked files differ from it; VREPA_GIT_COMMIT where there is no git."""
     if os.environ.get("VREPA_GIT_COMMIT"):
         return os.environ["VREPA_GIT_COMMIT"]
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True,
+                                    check=True).stdout.strip()
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
+        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
