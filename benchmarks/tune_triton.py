@@ -1,4 +1,5 @@
-"""Measure the Triton backend's tile configs and schedules on this GPU; optionally pin the fastest.
+"""Measure the Triton backend's tile configs on this GPU (both passes of the two-pass path, both schedules of
+the memory-minimal path); optionally pin the fastest.
 
     python benchmarks/tune_triton.py                 # print the table (bf16, N = 17,550, D = 768)
     python benchmarks/tune_triton.py --write         # also record the winners in
@@ -34,6 +35,14 @@ def candidates(symmetric: bool):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
+def two_pass_candidates():
+    """Relation-pass and gradient-pass configs (the pair tile is the 128 x 128 map tile)."""
+    relation = [dict(BLOCK_K=k, num_warps=8, num_stages=st) for k, st in itertools.product((32, 64), (2, 3, 4))]
+    gradient = [dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
+                for bn, bd, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))]
+    return relation, gradient
+
+
 def time_ms(fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -54,9 +63,10 @@ def tune(dtype: torch.dtype, n: int, d: int, reps: int):
     t = (s.float() + torch.randn(1, n, d, device="cuda", generator=gen)).to(dtype)
     feats_s, feats_t = Features.of(s), Features.of(t)
     spec = RelationSpec(1, n, "full")
-    results = {}
+    results = {"two_pass": tune_two_pass(dtype, feats_s, feats_t, spec, reps)}
     for schedule, symmetric in (("symmetric", True), ("row_owned", False)):
-        run = lambda cfg: triton_kernels.pair_sums(feats_s, feats_t, spec, True, False, not symmetric, config=cfg)
+        run = lambda cfg: triton_kernels.pair_sums(feats_s, feats_t, spec, True, False, not symmetric,
+                                                   algorithm="memory_minimal", config=cfg)
         base_sums, base_grad, _ = run(triton_kernels.kernel_config(dtype, s.device, symmetric))
         rows = []
         for cfg in candidates(symmetric):
@@ -75,6 +85,37 @@ def tune(dtype: torch.dtype, n: int, d: int, reps: int):
     return results
 
 
+def tune_two_pass(dtype, feats_s, feats_t, spec, reps):
+    """The fastest relation-pass config (map written), then the fastest gradient-pass config on that map."""
+    default = triton_kernels.two_pass_config(dtype, feats_s.values.device)
+    base_sums, base_map = triton_kernels.relation_pass(feats_s, feats_t, spec, config=default["relation"])
+    base_grad = triton_kernels.gradient_pass(feats_s, base_map, config=default["gradient"])
+    relation, gradient = two_pass_candidates()
+    best, total = {}, 0.0
+    for part, configs in (("relation", relation), ("gradient", gradient)):
+        rows = []
+        for cfg in configs:
+            try:
+                if part == "relation":
+                    run = lambda: triton_kernels.relation_pass(feats_s, feats_t, spec, config=cfg)
+                    sums, words = run()
+                    ok = torch.allclose(sums, base_sums, rtol=1e-4) and torch.equal(words, base_map)
+                else:
+                    run = lambda: triton_kernels.gradient_pass(feats_s, base_map, config=cfg)
+                    ok = torch.allclose(run(), base_grad, rtol=1e-3, atol=1e-3 * base_grad.abs().max().item())
+                ms = time_ms(run, reps) if ok else float("nan")
+            except Exception as exc:  # out of resources, compile errors: record and go on
+                ok, ms, cfg = False, float("nan"), dict(cfg, error=type(exc).__name__)
+            rows.append((ms, ok, cfg))
+            print(f"two_pass {part:8s} {'ok ' if ok else 'BAD'} {ms:9.2f} ms  {cfg}", flush=True)
+        good = sorted((r for r in rows if r[1]), key=lambda r: r[0])
+        if not good:
+            return None
+        best[part] = good[0][2]
+        total += good[0][0]
+    return total, True, best
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=17_550)
@@ -90,7 +131,7 @@ def main(argv=None):
     for name in args.dtype:
         best = tune(getattr(torch, name), args.n, args.d, args.reps)
         entry = {k: v[2] for k, v in best.items() if v}
-        if len(entry) == 2:
+        if "symmetric" in entry and "row_owned" in entry:
             entry["fastest"] = min(("symmetric", "row_owned"), key=lambda k: best[k][0])
         entry["measured"] = {k: round(v[0], 3) for k, v in best.items() if v}
         entry["shape"] = f"N={args.n} D={args.d}, loss + student gradient"
