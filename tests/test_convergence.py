@@ -4,7 +4,7 @@ import torch
 
 from vrepa_kernels import trd_loss, trd_loss_reference
 
-from conftest import cpu_backends, make_pair
+from utils import cpu_backends, make_pair
 
 
 def trajectory(loss_fn, student, teacher, steps=50):

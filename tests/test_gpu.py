@@ -4,7 +4,7 @@ import torch
 
 from vrepa_kernels import trd_loss
 
-from conftest import assert_bitwise_repeatable, assert_matches_reference, make_pair, requires_cuda
+from utils import assert_bitwise_repeatable, assert_matches_reference, make_pair, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 GPU_BACKENDS = ["torch", "triton", "cuda"]

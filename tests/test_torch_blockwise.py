@@ -6,7 +6,7 @@ from vrepa_kernels import trd_loss, trd_loss_reference
 from vrepa_kernels.backends import torch_blockwise
 from vrepa_kernels.backends.torch_blockwise import strip_rows
 
-from conftest import make_pair
+from utils import make_pair
 
 
 def test_strip_rows_bounds_the_strip():
