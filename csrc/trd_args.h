@@ -33,6 +33,18 @@ struct TrdArgs {
   int64_t splits = 1;
   bool s_vec16 = false;   // every row of s starts on a 16-byte boundary (set by fill_alignment)
   bool t_vec16 = false;
+  uint32_t* map = nullptr;  // relation pass: [batch, map_tiles(n), 128, 8] int32 sign map (partial: [batch, map_tiles(n)])
+};
+
+// The gradient pass for one operand: G = scale * P U, P decoded from the map, U the unit rows of s or t.
+struct GradientPassArgs {
+  const uint32_t* map = nullptr;  // the relation pass's map
+  const void* x = nullptr;        // [batch, n, dim] unit rows in the input dtype, last dim contiguous
+  float* g = nullptr;             // [batch, n, dim] fp32 output, every element written once
+  int64_t batch = 0, n = 0, dim = 0;
+  int64_t x_stride_b = 0, x_stride_n = 0, g_stride_b = 0, g_stride_n = 0;  // in elements
+  float scale = 1.0f;
+  bool x_vec16 = false;
 };
 
 // Whether rows of a tensor can be copied in 16-byte vectors.
@@ -71,6 +83,41 @@ inline std::string check_args(const TrdArgs& a, int dtype) {
   if (a.grad_s != nullptr && a.gs_stride_n < a.ds) return "grad_s row stride is smaller than ds";
   if (a.grad_t != nullptr && a.gt_stride_n < a.dt) return "grad_t row stride is smaller than dt";
   if (work_items(a.batch, a.n, a.splits) > int_max) return "batch * row blocks * splits exceeds 2^31 - 1 work items";
+  return std::string();
+}
+
+// The relation pass takes TrdArgs with `map` set and `partial` sized [batch, map_tiles(n)].
+inline std::string check_relation_pass_args(const TrdArgs& a, int dtype) {
+  TrdArgs plain = a;
+  plain.grad_s = plain.grad_t = nullptr;
+  plain.symmetric = true;
+  plain.splits = 1;
+  const std::string bad = check_args(plain, dtype);
+  if (!bad.empty()) return bad;
+  if (a.map == nullptr) return "null sign-map pointer";
+  if (a.batch * map_tiles(a.n) > std::numeric_limits<int32_t>::max())
+    return "batch * map tiles exceeds 2^31 - 1 thread blocks";
+  return std::string();
+}
+
+// Feature columns of one gradient-pass output tile (and CTA).
+constexpr int kGradCols = 128;
+
+inline std::string check_gradient_pass_args(const GradientPassArgs& a, int dtype) {
+  const int64_t int_max = std::numeric_limits<int32_t>::max();
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+    return "dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(dtype);
+  if (a.map == nullptr || a.x == nullptr || a.g == nullptr) return "null map, unit-row or gradient pointer";
+  if (a.batch < 1 || a.n < 1 || a.dim < 1)
+    return "batch, n and dim must be >= 1, got batch=" + std::to_string(a.batch) + " n=" + std::to_string(a.n) +
+           " dim=" + std::to_string(a.dim);
+  if (a.n > int_max - kMapTile) return "n=" + std::to_string(a.n) + " tokens exceeds the int32 token index range";
+  if (a.dim > int_max) return "the feature dim must fit in int32";
+  if (a.x_stride_n < a.dim || a.g_stride_n < a.dim || a.x_stride_b < 0 || a.g_stride_b < 0)
+    return "strides must describe rows of at least dim contiguous elements";
+  if (!std::isfinite(a.scale)) return "scale must be finite";
+  if (a.batch * map_side(a.n) * ceil_div(a.dim, kGradCols) > int_max)
+    return "batch * row tiles * feature tiles exceeds 2^31 - 1 thread blocks";
   return std::string();
 }
 

@@ -381,6 +381,142 @@ void cpu_pair_sums(const TrdArgs& a, int dtype, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The two-pass path (trd_two_pass.cuh): the same tiles, epilogue, codes and map layout; plain products.
+// ---------------------------------------------------------------------------------------------------
+
+// Rows [0, round_up(n, 128)) of one operand of sample b as fp32 (zero padded), and per 128-token block the
+// transposed panel [dim][128], so that a tile's B operand is contiguous.
+struct PassOperand {
+  int64_t dim = 0;
+  std::vector<float> rows, panels, inv;
+};
+
+void load_pass_operand(PassOperand& op, const void* x, int64_t stride_b, int64_t stride_n, int64_t dim,
+                       const float* inv, int64_t b, int64_t n, int dtype) {
+  const int64_t padded = map_side(n) * kMapTile;
+  op.dim = dim;
+  op.rows.assign(static_cast<size_t>(padded * dim), 0.0f);
+  op.panels.assign(static_cast<size_t>(padded * dim), 0.0f);
+  op.inv.assign(static_cast<size_t>(padded), 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    op.inv[i] = inv[b * n + i];
+    float* panel = op.panels.data() + (i / kMapTile) * dim * kMapTile + i % kMapTile;
+    for (int64_t k = 0; k < dim; ++k) {
+      const float v = load_element(x, element_offset(b, stride_b, i, stride_n, k), dtype);
+      op.rows[i * dim + k] = v;
+      panel[k * kMapTile] = v;
+    }
+  }
+}
+
+// gram[128][128] = X_I X_J^T (raw rows).
+VREPA_CPU_CLONES void raw_gram(const PassOperand& op, int64_t ti, int64_t tj, float* gram) {
+  std::fill(gram, gram + kMapTile * kMapTile, 0.0f);
+  const float* panel = op.panels.data() + tj * op.dim * kMapTile;
+  for (int i4 = 0; i4 < kMapTile; i4 += 4)
+    for (int j16 = 0; j16 < kMapTile; j16 += 16)
+      block_4x16(op.rows.data() + (ti * kMapTile + i4) * op.dim, op.dim, 1, panel + j16, kMapTile,
+                 static_cast<int>(op.dim), gram + i4 * kMapTile + j16, kMapTile, 4);
+}
+
+void cpu_relation_pass(const TrdArgs& a, int dtype, int threads) {
+  const int64_t side = map_side(a.n), tiles = map_tiles(a.n);
+  const int n = static_cast<int>(a.n), tpf = static_cast<int>(a.tokens_per_frame);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  PassOperand s, t;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    load_pass_operand(s, a.s, a.s_stride_b, a.s_stride_n, a.ds, a.s_inv, b, a.n, dtype);
+    load_pass_operand(t, a.t, a.t_stride_b, a.t_stride_n, a.dt, a.t_inv, b, a.n, dtype);
+    parallel_for_threads(threads, [&](int thread) {
+      std::vector<float> gram_s(kMapTile * kMapTile), gram_t(kMapTile * kMapTile);
+      std::vector<unsigned char> codes(kMapTile * kMapTile);
+      for (int64_t tile = thread; tile < tiles; tile += threads) {
+        const MapTile mt = map_tile_of(tile, side);
+        const int row0 = static_cast<int>(mt.i) * kMapTile, col0 = static_cast<int>(mt.j) * kMapTile;
+        uint32_t* map = a.map + (b * tiles + tile) * kMapTileWords;
+        double* partial = a.partial + b * tiles + tile;
+        const int row_last = std::min(row0 + kMapTile, n) - 1, col_last = std::min(col0 + kMapTile, n) - 1;
+        if (!tile_has_kept_pairs(a.relation, tpf, row0, row_last, col0, col_last)) {
+          std::fill(map, map + kMapTileWords, 0u);
+          *partial = 0.0;
+          continue;
+        }
+        raw_gram(s, mt.i, mt.j, gram_s.data());
+        raw_gram(t, mt.i, mt.j, gram_t.data());
+        double total = 0.0;
+        for (int ii = 0; ii < kMapTile; ++ii) {
+          const int i = row0 + ii;
+          float row_sum = 0.0f;
+          for (int jj = 0; jj < kMapTile; ++jj) {
+            const int j = col0 + jj;
+            const float gap = gram_s[ii * kMapTile + jj] * (s.inv[i] * s.inv[j]) -
+                              gram_t[ii * kMapTile + jj] * (t.inv[i] * t.inv[j]);
+            const bool keep = i < n && j < n && keep_frames(a.relation, i / tpf, j / tpf);
+            row_sum += keep ? element_loss(gap, a.margin) : 0.0f;
+            codes[ii * kMapTile + jj] = static_cast<unsigned char>(keep ? pair_code(gap, a.margin) : kCodeNone);
+          }
+          total += static_cast<double>(row_sum);
+        }
+        for (int w = 0; w < kMapTileWords; ++w) {
+          uint32_t word = 0;
+          for (int e = 0; e < kCodesPerWord; ++e) word |= static_cast<uint32_t>(codes[w * kCodesPerWord + e]) << (2 * e);
+          map[w] = word;
+        }
+        *partial = total * (mt.i == mt.j ? 1.0 : 2.0);
+      }
+    });
+  }
+}
+
+// g = scale P x, P decoded from the map; zero steps skipped at the kernel's step width (so NaN rows of x
+// reach the same outputs as on the GPU).
+void cpu_gradient_pass(const GradientPassArgs& a, int dtype, int threads) {
+  const int64_t side = map_side(a.n), tiles = map_tiles(a.n);
+  const int step = dtype == kFloat32 ? 32 : 64;  // trd_two_pass.cuh: grad_step<T>()
+  const int64_t ld = round_up(a.dim, 16);
+  const int64_t padded = side * kMapTile;
+  const int64_t items = a.batch * side;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  std::vector<float> units;  // [batch][padded][ld]
+  units.assign(static_cast<size_t>(a.batch * padded * ld), 0.0f);
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t i = 0; i < a.n; ++i)
+      for (int64_t k = 0; k < a.dim; ++k)
+        units[(b * padded + i) * ld + k] = load_element(a.x, element_offset(b, a.x_stride_b, i, a.x_stride_n, k), dtype);
+  parallel_for_threads(threads, [&](int thread) {
+    std::vector<float> p(static_cast<size_t>(kMapTile * step)), acc(static_cast<size_t>(kMapTile * ld));
+    for (int64_t item = thread; item < items; item += threads) {
+      const int64_t b = item % a.batch, ti = item / a.batch;
+      const uint32_t* map = a.map + b * tiles * kMapTileWords;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < a.n; k0 += step) {
+        const int64_t tj = k0 / kMapTile;
+        const int c0 = static_cast<int>(k0 % kMapTile);
+        bool any = false;
+        for (int ii = 0; ii < kMapTile; ++ii)
+          for (int kk = 0; kk < step; ++kk) {
+            // P_ij from tile (I, J) row i, or from tile (J, I) row j (transposed) below the diagonal
+            const int r = tj >= ti ? ii : c0 + kk, c = tj >= ti ? c0 + kk : ii;
+            const uint32_t word = map[map_tile_index(std::min(ti, tj), std::max(ti, tj), side) * kMapTileWords +
+                                      r * kWordsPerMapRow + c / kCodesPerWord];
+            const uint32_t code = word_code(word, c % kCodesPerWord);
+            any |= code != kCodeNone;
+            p[static_cast<size_t>(ii * step + kk)] = code_sign(code);
+          }
+        if (!any) continue;
+        const float* u = units.data() + (b * padded + k0) * ld;
+        for (int i4 = 0; i4 < kMapTile; i4 += 4)
+          for (int64_t d = 0; d < ld; d += 16)
+            block_4x16(p.data() + i4 * step, step, 1, u + d, ld, step, acc.data() + i4 * ld + d, ld, 4);
+      }
+      for (int ii = 0; ii < kMapTile && ti * kMapTile + ii < a.n; ++ii)
+        for (int64_t d = 0; d < a.dim; ++d)
+          a.g[element_offset(b, a.g_stride_b, ti * kMapTile + ii, a.g_stride_n, d)] = a.scale * acc[ii * ld + d];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Probes of the shared schedule
 // ---------------------------------------------------------------------------------------------------
 
@@ -561,6 +697,33 @@ PYBIND11_MODULE(_C_cpu, m) {
       },
       py::arg("threads"));
   def_plan(m, "(row_blocks, splits) for a launch.");
+  m.attr("map_tile") = kMapTile;
+  def_relation_pass<int>(
+      m, "CPU twin of the relation pass: per-tile loss sums into `partial`, the sign map into `map`.",
+      [](const TrdArgs& args, int dtype, int threads) {
+        if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+        py::gil_scoped_release release;
+        cpu_relation_pass(args, dtype, threads);
+      },
+      py::arg("threads"));
+  def_gradient_pass<int>(
+      m, "CPU twin of the gradient pass: g = scale P x with P decoded from the map.",
+      [](const GradientPassArgs& args, int dtype, int threads) {
+        if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+        py::gil_scoped_release release;
+        cpu_gradient_pass(args, dtype, threads);
+      },
+      py::arg("threads"));
+  m.def("pair_code", &pair_code, py::arg("gap"), py::arg("margin"));
+  m.def("code_sign", &code_sign, py::arg("code"));
+  m.def(
+      "map_tile_of",
+      [](int64_t linear, int64_t side) {
+        const MapTile t = map_tile_of(linear, side);
+        return py::make_tuple(t.i, t.j);
+      },
+      py::arg("linear"), py::arg("side"));
+  m.def("map_tile_index", &map_tile_index, py::arg("i"), py::arg("j"), py::arg("side"));
   m.def("element_loss", &element_loss, py::arg("gap"), py::arg("margin"));
   m.def("pair_sign", &pair_sign, py::arg("gap"), py::arg("margin"));
   m.def("keep_pair", &keep_pair, py::arg("relation"), py::arg("tokens_per_frame"), py::arg("i"), py::arg("j"));

@@ -12,6 +12,12 @@ template <class T>
 cudaError_t launch_pair_sums(const TrdArgs& args, cudaStream_t stream);
 template <class T>
 cudaError_t kernel_attributes(cudaFuncAttributes* attributes);
+template <class T>
+cudaError_t launch_relation_pass(const TrdArgs& args, cudaStream_t stream);
+template <class T>
+cudaError_t launch_gradient_pass(const GradientPassArgs& args, cudaStream_t stream);
+template <class T>
+cudaError_t two_pass_attributes(cudaFuncAttributes* relation, cudaFuncAttributes* gradient);
 }  // namespace cuda
 
 namespace {
@@ -40,6 +46,46 @@ std::string cuda_pair_sums(TrdArgs args, int dtype, int device, uintptr_t stream
   return std::string();
 }
 
+namespace {
+std::string check_device(int device) {
+  int current = -1;
+  const cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return "cudaGetDevice failed: " + describe(err);
+  if (current != device)
+    return "the current CUDA device is " + std::to_string(current) + " but the tensors are on device " +
+           std::to_string(device);
+  return std::string();
+}
+}  // namespace
+
+std::string cuda_relation_pass(const TrdArgs& args, int dtype, int device, uintptr_t stream) {
+  const std::string bad = check_device(device);
+  if (!bad.empty()) return bad;
+  auto handle = reinterpret_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  switch (dtype) {
+    case kFloat32: err = cuda::launch_relation_pass<float>(args, handle); break;
+    case kBFloat16: err = cuda::launch_relation_pass<__nv_bfloat16>(args, handle); break;
+    default: err = cuda::launch_relation_pass<__half>(args, handle); break;
+  }
+  if (err != cudaSuccess) return "relation-pass launch failed: " + describe(err);
+  return std::string();
+}
+
+std::string cuda_gradient_pass(const GradientPassArgs& args, int dtype, int device, uintptr_t stream) {
+  const std::string bad = check_device(device);
+  if (!bad.empty()) return bad;
+  auto handle = reinterpret_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  switch (dtype) {
+    case kFloat32: err = cuda::launch_gradient_pass<float>(args, handle); break;
+    case kBFloat16: err = cuda::launch_gradient_pass<__nv_bfloat16>(args, handle); break;
+    default: err = cuda::launch_gradient_pass<__half>(args, handle); break;
+  }
+  if (err != cudaSuccess) return "gradient-pass launch failed: " + describe(err);
+  return std::string();
+}
+
 std::string cuda_device_problem(int device) {
   int driver = 0;
   cudaDriverGetVersion(&driver);
@@ -55,11 +101,14 @@ std::string cuda_device_problem(int device) {
   int previous = 0;
   cudaGetDevice(&previous);
   if (previous != device) cudaSetDevice(device);
-  cudaFuncAttributes attributes;
+  cudaFuncAttributes attributes, second;
   std::string problem;
-  const cudaError_t errs[3] = {cuda::kernel_attributes<float>(&attributes),
+  const cudaError_t errs[6] = {cuda::kernel_attributes<float>(&attributes),
                                cuda::kernel_attributes<__nv_bfloat16>(&attributes),
-                               cuda::kernel_attributes<__half>(&attributes)};
+                               cuda::kernel_attributes<__half>(&attributes),
+                               cuda::two_pass_attributes<float>(&attributes, &second),
+                               cuda::two_pass_attributes<__nv_bfloat16>(&attributes, &second),
+                               cuda::two_pass_attributes<__half>(&attributes, &second)};
   for (cudaError_t e : errs)
     if (e != cudaSuccess && problem.empty()) problem = "the kernels cannot load on this device: " + describe(e);
   if (previous != device) cudaSetDevice(previous);

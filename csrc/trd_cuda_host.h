@@ -13,6 +13,10 @@ namespace vrepa {
 // `device`. Returns an empty string on success, else the error.
 std::string cuda_pair_sums(TrdArgs args, int dtype, int device, uintptr_t stream);
 
+// The two passes of the atomics-free training path (trd_two_pass.cuh), checked arguments; same conventions.
+std::string cuda_relation_pass(const TrdArgs& args, int dtype, int device, uintptr_t stream);
+std::string cuda_gradient_pass(const GradientPassArgs& args, int dtype, int device, uintptr_t stream);
+
 // Empty when the kernels can run on `device`, else why not (no driver, driver too old, no kernel image).
 std::string cuda_device_problem(int device);
 

@@ -33,6 +33,29 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::arg("device"), py::arg("stream"));
   def_plan(m, "(row_blocks, splits) for a launch; parallel_units is the device's multiprocessor count.");
+  m.attr("map_tile") = kMapTile;
+  def_relation_pass<int, uintptr_t>(
+      m, "Pass 1 of the two-pass path on `stream`: per-tile loss sums into `partial`, the sign map into `map`.",
+      [](const TrdArgs& args, int dtype, int device, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = cuda_relation_pass(args, dtype, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      py::arg("device"), py::arg("stream"));
+  def_gradient_pass<int, uintptr_t>(
+      m, "Pass 2 of the two-pass path on `stream`: g = scale P x, every element of g written once.",
+      [](const GradientPassArgs& args, int dtype, int device, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = cuda_gradient_pass(args, dtype, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      py::arg("device"), py::arg("stream"));
   m.def("device_problem", &cuda_device_problem, py::arg("device"),
         "Empty string when the kernels can run on `device`, else why not.");
   m.def(

@@ -9,6 +9,8 @@
 #include <cstdint>
 
 #define VREPA_KERNEL __global__ void __launch_bounds__(::vrepa::kThreads)
+// Two-pass kernels: 256 threads, at least `min_blocks` resident per SM (caps registers at 64K / (256 min_blocks)).
+#define VREPA_PASS_KERNEL(min_blocks) __global__ void __launch_bounds__(::vrepa::kPassThreads, min_blocks)
 
 namespace vrepa {
 namespace cuda {

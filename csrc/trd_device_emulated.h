@@ -13,6 +13,7 @@
 #include <cstring>
 
 #define VREPA_KERNEL void
+#define VREPA_PASS_KERNEL(min_blocks) void
 
 namespace vrepa {
 namespace emu {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "trd_kernel.cuh"
+#include "trd_two_pass.cuh"
 #include "trd_pybind_args.h"
 
 namespace py = pybind11;
@@ -56,7 +57,7 @@ struct Thread {
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Cta {
-  Thread threads[kThreads];
+  std::vector<Thread> threads;  // the launch's block size: 128 (fused kernel) or 256 (two-pass kernels)
   std::vector<std::vector<char>> stacks;
   ucontext_t scheduler;
   std::vector<unsigned char> smem;  // 16-byte aligned view below
@@ -66,8 +67,7 @@ struct Cta {
   int current = 0;
   std::function<void()> body;
   std::string error;
-  const TrdArgs* args = nullptr;
-  int element_size = 4;
+  std::vector<std::pair<const unsigned char*, const unsigned char*>> sources;  // where cp.async may read
   std::vector<int> order;  // the order in which runnable threads are resumed
 };
 
@@ -167,7 +167,7 @@ void run_shuffle(Thread* warp) {
 
 std::string describe_states() {
   std::string out;
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < static_cast<int>(g_cta->threads.size()) / 32; ++w) {
     out += " warp " + std::to_string(w) + ":";
     for (int lane = 0; lane < 32; ++lane) {
       const Wait s = g_cta->threads[32 * w + lane].wait;
@@ -182,11 +182,11 @@ void run_cta(int64_t block, const std::function<void()>& body) {
   cta.block = block;
   cta.body = body;
   std::memset(cta.smem_base, 0xff, cta.smem_size);  // uninitialised shared memory reads as NaN
-  for (int t = 0; t < kThreads; ++t) {
+  for (size_t t = 0; t < cta.threads.size(); ++t) {
     Thread& th = cta.threads[t];
     th = Thread();
     getcontext(&th.context);
-    th.context.uc_stack.ss_sp = cta.stacks[static_cast<size_t>(t)].data();
+    th.context.uc_stack.ss_sp = cta.stacks[t].data();
     th.context.uc_stack.ss_size = kStackBytes;
     th.context.uc_link = nullptr;
     makecontext(&th.context, trampoline, 0);
@@ -199,8 +199,9 @@ void run_cta(int64_t block, const std::function<void()>& body) {
       swapcontext(&cta.scheduler, &cta.threads[t].context);
       progress = true;
     }
-    for (int w = 0; w < kWarps; ++w) {
-      Thread* warp = cta.threads + 32 * w;
+    const int threads = static_cast<int>(cta.threads.size());
+    for (int w = 0; w < threads / 32; ++w) {
+      Thread* warp = cta.threads.data() + 32 * w;
       bool all = true;
       for (int lane = 0; lane < 32; ++lane) all = all && warp[lane].wait == Wait::kWarp;
       if (!all) continue;
@@ -219,8 +220,8 @@ void run_cta(int64_t block, const std::function<void()>& body) {
       at_block += th.wait == Wait::kBlock;
       done += th.wait == Wait::kDone;
     }
-    if (done == kThreads) return;
-    if (at_block == kThreads) {
+    if (done == threads) return;
+    if (at_block == threads) {
       int any = 0;
       for (const Thread& th : cta.threads) any |= th.predicate != 0;
       for (Thread& th : cta.threads) {
@@ -228,7 +229,7 @@ void run_cta(int64_t block, const std::function<void()>& body) {
         th.wait = Wait::kRunnable;
       }
       progress = true;
-    } else if (at_block > 0 && at_block + done == kThreads) {
+    } else if (at_block > 0 && at_block + done == threads) {
       fail("some threads exited while others wait at a barrier:" + describe_states());
       return;
     }
@@ -287,16 +288,11 @@ void copy_16(void* smem_dst, const void* global_src) {
   if (reinterpret_cast<uintptr_t>(smem_dst) % 16 || reinterpret_cast<uintptr_t>(global_src) % 16)
     fail("cp.async with an address that is not 16-byte aligned");
   if (!in_smem(smem_dst, 16)) fail("cp.async destination outside shared memory");
-  // The source must lie inside one of the inputs (16 bytes of rows of s or t).
-  const TrdArgs& a = *g_cta->args;
-  auto inside = [&](const void* base, int64_t stride_b, int64_t stride_n, int64_t dim) {
-    const auto* lo = static_cast<const unsigned char*>(base);
-    const auto* hi = lo + ((a.batch - 1) * stride_b + (a.n - 1) * stride_n + dim) * g_cta->element_size;
-    const auto* p = static_cast<const unsigned char*>(global_src);
-    return p >= lo && p + 16 <= hi;
-  };
-  if (!inside(a.s, a.s_stride_b, a.s_stride_n, a.ds) && !inside(a.t, a.t_stride_b, a.t_stride_n, a.dt))
-    fail("cp.async source outside the inputs");
+  // The source must lie inside one of the launch's inputs.
+  const auto* p = static_cast<const unsigned char*>(global_src);
+  bool inside = false;
+  for (const auto& range : g_cta->sources) inside = inside || (p >= range.first && p + 16 <= range.second);
+  if (!inside) fail("cp.async source outside the inputs");
   if (g_cta->error.empty()) g_cta->threads[g_cta->current].copies.back().emplace_back(smem_dst, global_src);
 }
 
@@ -318,26 +314,63 @@ void copy_wait(int pending) {
 
 namespace {
 
-template <class T>
-std::string emulate(TrdArgs args, int dtype, int order) {
+// The bytes of rows [0, n) of a [batch, n, dim] tensor: where cp.async may read.
+std::pair<const unsigned char*, const unsigned char*> rows_range(const void* base, int64_t batch, int64_t n,
+                                                                 int64_t stride_b, int64_t stride_n, int64_t dim,
+                                                                 int element_size) {
+  const auto* lo = static_cast<const unsigned char*>(base);
+  return {lo, lo + ((batch - 1) * stride_b + (n - 1) * stride_n + dim) * element_size};
+}
+
+// Runs `blocks` CTAs of `threads` threads, each running kernel(); returns the first fault, or "".
+// Resume order of runnable threads: 0 forward, 1 reverse, else shuffled with `order` as the seed. Code that
+// reads another thread's shared-memory writes without a barrier between them fails in some order.
+template <class Kernel>
+std::string emulate_launch(int64_t blocks, int threads, size_t smem_bytes, int order,
+                           std::vector<std::pair<const unsigned char*, const unsigned char*>> sources,
+                           const Kernel& kernel) {
   emu::Cta cta;
-  // Resume order of runnable threads: 0 forward, 1 reverse, else shuffled with `order` as the seed. Code that
-  // reads another thread's shared-memory writes without a barrier between them fails in some order.
-  for (int t = 0; t < kThreads; ++t) cta.order.push_back(order == 1 ? kThreads - 1 - t : t);
+  cta.threads.resize(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) cta.order.push_back(order == 1 ? threads - 1 - t : t);
   if (order > 1) std::shuffle(cta.order.begin(), cta.order.end(), std::mt19937(static_cast<unsigned>(order)));
-  cta.args = &args;
-  cta.element_size = dtype_size(dtype);
-  cta.stacks.assign(kThreads, std::vector<char>(emu::kStackBytes));
-  cta.smem_size = cuda::smem_bytes<T>();
+  cta.sources = std::move(sources);
+  cta.stacks.assign(static_cast<size_t>(threads), std::vector<char>(emu::kStackBytes));
+  cta.smem_size = smem_bytes;
   cta.smem.assign(cta.smem_size + 16, 0);
   const auto raw = reinterpret_cast<uintptr_t>(cta.smem.data());
   cta.smem_base = cta.smem.data() + (16 - raw % 16) % 16;
   emu::g_cta = &cta;
-  const int64_t blocks = work_items(args.batch, args.n, args.splits);
-  for (int64_t block = 0; block < blocks && cta.error.empty(); ++block)
-    emu::run_cta(block, [&args] { cuda::trd_pair_sums_kernel<T>(args); });
+  for (int64_t block = 0; block < blocks && cta.error.empty(); ++block) emu::run_cta(block, kernel);
   emu::g_cta = nullptr;
   return cta.error;
+}
+
+std::vector<std::pair<const unsigned char*, const unsigned char*>> input_ranges(const TrdArgs& a, int dtype) {
+  return {rows_range(a.s, a.batch, a.n, a.s_stride_b, a.s_stride_n, a.ds, dtype_size(dtype)),
+          rows_range(a.t, a.batch, a.n, a.t_stride_b, a.t_stride_n, a.dt, dtype_size(dtype))};
+}
+
+template <class T>
+std::string emulate(TrdArgs args, int dtype, int order) {
+  return emulate_launch(work_items(args.batch, args.n, args.splits), kThreads, cuda::smem_bytes<T>(), order,
+                        input_ranges(args, dtype), [&args] { cuda::trd_fused_pair_sums_kernel<T>(args); });
+}
+
+template <class T>
+std::string emulate_relation_pass(TrdArgs args, int dtype, int order) {
+  return emulate_launch(args.batch * map_tiles(args.n), kPassThreads, cuda::relation_smem_bytes<T>(), order,
+                        input_ranges(args, dtype), [&args] { cuda::trd_relation_pass_kernel<T>(args); });
+}
+
+template <class T>
+std::string emulate_gradient_pass(GradientPassArgs args, int dtype, int order) {
+  const auto* map = reinterpret_cast<const unsigned char*>(args.map);
+  std::vector<std::pair<const unsigned char*, const unsigned char*>> sources = {
+      rows_range(args.x, args.batch, args.n, args.x_stride_b, args.x_stride_n, args.dim, dtype_size(dtype)),
+      {map, map + args.batch * map_tiles(args.n) * kMapTileWords * sizeof(uint32_t)}};
+  return emulate_launch(args.batch * map_side(args.n) * ceil_div(args.dim, kGradCols), kPassThreads,
+                        cuda::gradient_smem_bytes<T>(), order, std::move(sources),
+                        [&args] { cuda::trd_gradient_pass_kernel<T>(args); });
 }
 
 }  // namespace
@@ -359,4 +392,24 @@ PYBIND11_MODULE(_C_emulator, m) {
       },
       py::arg("order") = 0);
   def_plan(m, "(row_blocks, splits) for a launch.");
+  def_relation_pass<int>(
+      m, "The relation-pass kernel on host memory, emulated; same arguments as _C_cuda.relation_pass, plus the order.",
+      [](TrdArgs& args, int dtype, int order) {
+        std::string err;
+        if (dtype == kFloat32) err = emulate_relation_pass<float>(args, dtype, order);
+        if (dtype == kBFloat16) err = emulate_relation_pass<__nv_bfloat16>(args, dtype, order);
+        if (dtype == kFloat16) err = emulate_relation_pass<__half>(args, dtype, order);
+        if (!err.empty()) throw std::runtime_error("emulated relation pass: " + err);
+      },
+      py::arg("order") = 0);
+  def_gradient_pass<int>(
+      m, "The gradient-pass kernel on host memory, emulated; same arguments as _C_cuda.gradient_pass, plus the order.",
+      [](GradientPassArgs& args, int dtype, int order) {
+        std::string err;
+        if (dtype == kFloat32) err = emulate_gradient_pass<float>(args, dtype, order);
+        if (dtype == kBFloat16) err = emulate_gradient_pass<__nv_bfloat16>(args, dtype, order);
+        if (dtype == kFloat16) err = emulate_gradient_pass<__half>(args, dtype, order);
+        if (!err.empty()) throw std::runtime_error("emulated gradient pass: " + err);
+      },
+      py::arg("order") = 0);
 }

@@ -440,7 +440,7 @@ __device__ __forceinline__ void gradient_tile(const T* p_tile, const Operand& x,
 // ---------------------------------------------------------------------------------------------------
 
 template <class T>
-VREPA_KERNEL trd_pair_sums_kernel(const TrdArgs args) {
+VREPA_KERNEL trd_fused_pair_sums_kernel(const TrdArgs args) {
   T* smem = reinterpret_cast<T*>(dynamic_smem());
   T* p_tile = smem + 4 * smem_tile_elems<T>();
   double* warp_sums = reinterpret_cast<double*>(p_tile + smem_tile_elems<T>());
@@ -555,17 +555,17 @@ VREPA_KERNEL trd_pair_sums_kernel(const TrdArgs args) {
 template <class T>
 cudaError_t launch_pair_sums(const TrdArgs& args, cudaStream_t stream) {
   const size_t smem = smem_bytes<T>();
-  cudaError_t err = cudaFuncSetAttribute(trd_pair_sums_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t err = cudaFuncSetAttribute(trd_fused_pair_sums_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = work_items(args.batch, args.n, args.splits);
-  trd_pair_sums_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args);
+  trd_fused_pair_sums_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args);
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t kernel_attributes(cudaFuncAttributes* attributes) {
-  return cudaFuncGetAttributes(attributes, trd_pair_sums_kernel<T>);
+  return cudaFuncGetAttributes(attributes, trd_fused_pair_sums_kernel<T>);
 }
 
 #define VREPA_INSTANTIATE(T)                                                          \

@@ -1,8 +1,10 @@
 // One input dtype per translation unit, so that the instantiations compile in parallel.
 #include "trd_kernel.cuh"
+#include "trd_two_pass.cuh"
 
 namespace vrepa {
 namespace cuda {
 VREPA_INSTANTIATE(__half)
+VREPA_INSTANTIATE_TWO_PASS(__half)
 }  // namespace cuda
 }  // namespace vrepa

@@ -3,7 +3,9 @@
 // a pure function of integers and floats, so the CPU tests exercise exactly what the GPU runs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define VREPA_HD __host__ __device__ __forceinline__
@@ -19,6 +21,17 @@ constexpr int kTile = 64;
 constexpr int kChunk = 64;
 
 enum Relation : int { kFull = 0, kSpatial = 1, kTemporal = 2 };
+
+// ---------------------------------------------------------------------------------------------------
+// The sign map of the two-pass path: one 2-bit code per pair, 128 x 128 tiles of the upper triangle
+// (I <= J) in row-major order, 8 words of 16 codes per tile row. Python twin: vrepa_kernels/sign_map.py
+// (MAP_TILE and the format description); both backends write this exact layout.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kMapTile = 128;  // Python twin: vrepa_kernels/sign_map.MAP_TILE
+constexpr int kCodesPerWord = 16;
+constexpr int kWordsPerMapRow = kMapTile / kCodesPerWord;
+constexpr int kMapTileWords = kMapTile * kWordsPerMapRow;
+constexpr uint32_t kCodeNone = 0, kCodePlus = 1, kCodeMinus = 2, kCodeNonFinite = 3;
 
 // Token indices are int32 (checked on the host: N < 2^31 - kTile); element offsets are int64.
 VREPA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -128,6 +141,31 @@ VREPA_HD int64_t choose_splits(int64_t batch, int64_t n, bool symmetric, int64_t
   return splits < 1 ? 1 : splits;
 }
 
+// Map tiles along one side, and in one sample's upper triangle.
+VREPA_HD int64_t map_side(int64_t n) { return ceil_div(n, kMapTile); }
+VREPA_HD int64_t map_tiles(int64_t n) { return map_side(n) * (map_side(n) + 1) / 2; }
+// Linear index of tile (i, j), i <= j < side: sign_map.tile_index.
+VREPA_HD int64_t map_tile_index(int64_t i, int64_t j, int64_t side) { return i * side - i * (i - 1) / 2 + (j - i); }
+
+struct MapTile {
+  int64_t i, j;
+};
+
+// The inverse of map_tile_index: a square-root estimate of the row, then exact integer corrections.
+VREPA_HD MapTile map_tile_of(int64_t linear, int64_t side) {
+  const double b = 2.0 * static_cast<double>(side) + 1.0;
+  const double disc = b * b - 8.0 * static_cast<double>(linear);
+  int64_t i = static_cast<int64_t>((b - sqrt(disc > 0.0 ? disc : 0.0)) * 0.5);
+  if (i < 0) i = 0;
+  if (i > side - 1) i = side - 1;
+  while (i > 0 && map_tile_index(i, i, side) > linear) --i;
+  while (i + 1 < side && map_tile_index(i + 1, i + 1, side) <= linear) ++i;
+  MapTile t;
+  t.i = i;
+  t.j = i + (linear - map_tile_index(i, i, side));
+  return t;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Epilogue math. NaN propagates: a NaN gap gives a NaN element loss and a NaN P.
 // (Build without fast-math: `x != x` must stay a NaN test.)
@@ -143,6 +181,29 @@ VREPA_HD float element_loss(float gap, float margin) {
 VREPA_HD float pair_sign(float gap, float margin) {
   return static_cast<float>(gap > margin) - static_cast<float>(gap < -margin) + gap * 0.0f;
 }
+
+// The map code of a kept pair: 1 above the margin, 2 below -margin, 0 inside, 3 for NaN/Inf
+// (gap - gap is 0 exactly when gap is finite).
+VREPA_HD uint32_t pair_code(float gap, float margin) {
+  const uint32_t sign = gap > margin ? kCodePlus : (gap < -margin ? kCodeMinus : kCodeNone);
+  return (gap - gap) == 0.0f ? sign : kCodeNonFinite;
+}
+
+VREPA_HD float quiet_nan() {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0x7fffffff);
+#else
+  return std::numeric_limits<float>::quiet_NaN();
+#endif
+}
+
+// P from a code: 0, +1, -1, NaN (selects only: no lookup table, which would live in local memory).
+VREPA_HD float code_sign(uint32_t code) {
+  return code == kCodeNonFinite ? quiet_nan() : static_cast<float>(code & 1u) - static_cast<float>(code >> 1);
+}
+
+// Code c (0..15) of a map word.
+VREPA_HD uint32_t word_code(uint32_t word, int c) { return (word >> (2 * c)) & 3u; }
 
 // Gradient scale of the per-sample sum: d sum / d s_hat = 2 P s_hat, d sum / d t_hat = -2 P t_hat.
 constexpr float kStudentScale = 2.0f;
@@ -209,6 +270,28 @@ VREPA_HD int tile_row(int thread, int mi, int reg) {
 }
 VREPA_HD int tile_col(int thread, int ni, int reg) {
   return warp_col0(thread >> 5) + ni * 8 + acc_col(thread & 31, reg);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Two-pass kernels (trd_two_pass.cuh): 8 warps as 2 x 4 over a 128 x 128 output tile, each warp owning
+// 64 x 32 (4 x 4 MMA tiles of 16 x 8); the fp32 accumulators live in registers for the whole tile.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kPassWarps = 8;
+constexpr int kPassThreads = 32 * kPassWarps;
+constexpr int kPassTile = 128;  // rows and columns of a relation-pass tile; rows of a gradient-pass tile
+constexpr int kPassWarpRows = 64;
+constexpr int kPassWarpCols = 32;
+constexpr int kPassMmaM = kPassWarpRows / 16;
+constexpr int kPassMmaN = kPassWarpCols / 8;
+static_assert(kPassTile == kMapTile, "one relation-pass tile is one map tile");
+static_assert(kPassWarps * kPassWarpRows * kPassWarpCols == kPassTile * kPassTile, "8 warps of 64x32 cover 128x128");
+VREPA_HD int pass_warp_row0(int warp) { return (warp >> 2) * kPassWarpRows; }
+VREPA_HD int pass_warp_col0(int warp) { return (warp & 3) * kPassWarpCols; }
+VREPA_HD int pass_tile_row(int thread, int mi, int reg) {
+  return pass_warp_row0(thread >> 5) + mi * 16 + acc_row(thread & 31, reg);
+}
+VREPA_HD int pass_tile_col(int thread, int ni, int reg) {
+  return pass_warp_col0(thread >> 5) + ni * 8 + acc_col(thread & 31, reg);
 }
 
 }  // namespace vrepa

@@ -1,8 +1,11 @@
-"""The CUDA C++ backend (csrc/): error paths, the logic it shares with its CPU twin, the twin against the
-reference, and (with a GPU) the kernels themselves.
+"""The CUDA C++ backend (csrc/): error paths, the logic it shares with its CPU twin, the twin and the
+emulated kernels against the reference (both training paths: two-pass and the fused memory-minimal kernel),
+the sign map against its Python definition and the Triton map, the compiled code (SASS), and (with a GPU)
+the kernels themselves.
 
-Without a GPU only the CPU part runs: the twin walks the kernel's schedule with the kernel's epilogue, and
-fragment_selftest checks the tensor-core lane/address arithmetic by emulating ldmatrix and mma.sync.
+Without a GPU only the CPU part runs: the twin walks the kernels' schedules with their epilogues, the
+emulator runs the kernels' own code, and fragment_selftest checks the tensor-core lane/address arithmetic
+by emulating ldmatrix and mma.sync.
 """
 import dataclasses
 import itertools
@@ -12,17 +15,19 @@ import types
 import pytest
 import torch
 
-from vrepa_kernels import backends, trd_loss
+from vrepa_kernels import backends, sign_map, trd_loss
 from vrepa_kernels.backends import cuda as cuda_backend
 from vrepa_kernels.features import Features
 from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
 
-from conftest import HAS_CUDA, assert_matches_reference, make_pair, requires_cuda
+from utils import HAS_CUDA, assert_matches_reference, make_pair, requires_cuda, tie_band
 
 cpu_ext = cuda_backend._cpu_ext
 requires_twin = pytest.mark.skipif(cpu_ext is None, reason="vrepa_kernels._C_cpu is not built")
 RELATIONS = [("full", None), ("spatial", 5), ("temporal", 5)]
 CODES = cuda_backend.RELATION_CODES
+# (algorithm, deterministic): the two-pass path (always deterministic) and both schedules of the fused kernel.
+PATHS = [("two_pass", False), ("memory_minimal", False), ("memory_minimal", True)]
 
 
 def features(s, t, **kwargs):
@@ -48,17 +53,17 @@ def assert_results_equal(got, want):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def check_zero_tokens_and_nan(backend, s, t, deterministic=False):
+def check_zero_tokens_and_nan(backend, s, t, deterministic=False, algorithm="auto"):
     """Zero rows (and one below F.normalize's eps) match the reference; a NaN spoils its own sample only."""
     with torch.no_grad():
         s[0, 3].zero_()
         t[1, 7].zero_()
         s[1, 8].mul_(1e-14)
-    assert_matches_reference(backend, s, t, deterministic=deterministic)
+    assert_matches_reference(backend, s, t, deterministic=deterministic, algorithm=algorithm)
     with torch.no_grad():
         s[0, 5, 3] = float("nan")
     s.grad = t.grad = None
-    loss = trd_loss(s, t, reduction="none", backend=backend, deterministic=deterministic)
+    loss = trd_loss(s, t, reduction="none", backend=backend, deterministic=deterministic, algorithm=algorithm)
     loss.sum().backward()
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
     assert torch.isnan(s.grad[0]).any() and torch.isnan(t.grad[0]).any()
@@ -130,11 +135,15 @@ def test_twin_rejects_bad_arguments():
         cuda_backend.cpu_twin_pair_sums(*features(s.double(), t.double()), True, False)
     with pytest.raises(ValueError, match="threads"):
         cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=0)
-    with pytest.raises(ValueError, match="splits"):
-        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, splits=5)  # 12 tokens: one row block
+    with pytest.raises(ValueError, match=r"splits must be in \[1, row_blocks"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, splits=5, algorithm="memory_minimal")  # 1 block
     with pytest.raises(ValueError, match="deterministic schedule takes splits=1"):
         cuda_backend.cpu_twin_pair_sums(*features(*make_pair((1, 200, 8), 8)), True, False, deterministic=True,
-                                        splits=2)
+                                        splits=2, algorithm="memory_minimal")
+    with pytest.raises(ValueError, match="splits=2 applies to the memory-minimal"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, splits=2, algorithm="two_pass")
+    with pytest.raises(ValueError, match="algorithm must be one of .* got 'fast'"):
+        cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, algorithm="fast")
     bad_frames = RelationSpec(1, 12, "spatial", 5, 0.1)  # 5 does not divide 12
     with pytest.raises(ValueError, match="tokens_per_frame=5"):
         cuda_backend.cpu_twin_pair_sums(fs, ft, bad_frames, True, False)
@@ -232,41 +241,45 @@ def test_tensor_core_fragment_arithmetic(seed):
 @requires_twin
 @pytest.mark.parametrize("relation, frames", RELATIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_twin_relations_and_reductions(twin_as_torch_backend, relation, frames, reduction, deterministic):
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_twin_relations_and_reductions(twin_as_torch_backend, relation, frames, reduction, algorithm, deterministic):
     s, t = make_pair((2, 65, 40), 24, grad_teacher=True)  # odd N, Ds != Dt, both gradients
     assert_matches_reference(twin_as_torch_backend, s, t, relation=relation, num_frames=frames,
-                             reduction=reduction, deterministic=deterministic)
+                             reduction=reduction, deterministic=deterministic, algorithm=algorithm)
 
 
 @requires_twin
-@pytest.mark.parametrize("shape, dt", [((1, 1, 3), 2), ((1, 3, 5), 7), ((3, 130, 16), 33), ((1, 200, 70), 8)])
-def test_twin_odd_shapes(twin_as_torch_backend, shape, dt):
+@pytest.mark.parametrize("shape, dt", [((1, 1, 3), 2), ((1, 3, 5), 7), ((3, 130, 16), 33), ((1, 300, 70), 8)])
+@pytest.mark.parametrize("algorithm", ["two_pass", "memory_minimal"])
+def test_twin_odd_shapes(twin_as_torch_backend, shape, dt, algorithm):
     s, t = make_pair(shape, dt, grad_teacher=True)
-    assert_matches_reference(twin_as_torch_backend, s, t, reduction="none")
+    assert_matches_reference(twin_as_torch_backend, s, t, reduction="none", algorithm=algorithm)
 
 
 @requires_twin
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relation, frames", RELATIONS)
-def test_twin_half_inputs(twin_as_torch_backend, dtype, relation, frames):
+@pytest.mark.parametrize("algorithm", ["two_pass", "memory_minimal"])
+def test_twin_half_inputs(twin_as_torch_backend, dtype, relation, frames, algorithm):
     s, t = make_pair((2, 60, 32), 24, dtype=dtype)
-    assert_matches_reference(twin_as_torch_backend, s, t, relation=relation, num_frames=frames)
+    assert_matches_reference(twin_as_torch_backend, s, t, relation=relation, num_frames=frames, algorithm=algorithm)
 
 
 @requires_twin
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_twin_zero_tokens_and_nan(twin_as_torch_backend, deterministic):
-    s, t = make_pair((2, 70, 16), 12, grad_teacher=True)  # two row blocks: NaN reaches a mirrored tile
-    check_zero_tokens_and_nan(twin_as_torch_backend, s, t, deterministic)
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_twin_zero_tokens_and_nan(twin_as_torch_backend, algorithm, deterministic):
+    s, t = make_pair((2, 140, 16), 12, grad_teacher=True)  # 3 row blocks / 2 map tiles: NaN reaches mirrored tiles
+    check_zero_tokens_and_nan(twin_as_torch_backend, s, t, deterministic, algorithm)
 
 
 @requires_twin
 def test_twin_schedules_and_splits_agree():
     s, t = make_pair((2, 300, 24), 16, grad_teacher=True)
     fs, ft, spec = features(s, t, relation="temporal", num_frames=5)
-    base = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic=True, threads=1)
-    for kwargs in (dict(threads=2), dict(threads=3, splits=2), dict(threads=1, splits=5)):
+    base = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic=True, threads=1,
+                                           algorithm="memory_minimal")
+    for kwargs in (dict(threads=2, algorithm="memory_minimal"), dict(threads=3, splits=2, algorithm="memory_minimal"),
+                   dict(threads=1, splits=5, algorithm="memory_minimal"), dict(threads=2, algorithm="two_pass")):
         got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, **kwargs)
         for a, b in zip(got, base):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -276,11 +289,12 @@ def test_twin_schedules_and_splits_agree():
 
 
 @requires_twin
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_twin_is_bitwise_repeatable(deterministic):
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_twin_is_bitwise_repeatable(algorithm, deterministic):
     s, t = make_pair((2, 257, 40), 24, grad_teacher=True)
     fs, ft, spec = features(s, t, relation="spatial", num_frames=1)
-    runs = [cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic, threads=3) for _ in range(3)]
+    runs = [cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic, threads=3, algorithm=algorithm)
+            for _ in range(3)]
     for run in runs[1:]:
         assert_results_equal(run, runs[0])
 
@@ -293,9 +307,11 @@ def test_twin_strided_input_rows():
     t = torch.randn(3, 70, 20)
     fs, ft, spec = features(s, t)
     assert fs.values.stride() == (70 * 41, 41, 1)
-    got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=2)
-    ref = cuda_backend.cpu_twin_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, False, threads=2)
-    assert_results_equal(got, ref)
+    for algorithm in ("two_pass", "memory_minimal"):
+        got = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, False, threads=2, algorithm=algorithm)
+        ref = cuda_backend.cpu_twin_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, False, threads=2,
+                                              algorithm=algorithm)
+        assert_results_equal(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,28 +330,31 @@ def emulated_as_torch_backend(monkeypatch):
 @requires_emulator
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relation, frames", RELATIONS)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_emulated_kernel_relations_dtypes(emulated_as_torch_backend, dtype, relation, frames, deterministic):
-    # 130 tokens: three row blocks, a ragged last one, and split work items in the symmetric schedule.
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_emulated_kernel_relations_dtypes(emulated_as_torch_backend, dtype, relation, frames, algorithm, deterministic):
+    # 130 tokens: three row blocks, a ragged last one, and split work items in the symmetric schedule; two map
+    # tiles per side in the two-pass path (one read transposed).
     s, t = make_pair((2, 130, 40), 24, dtype=dtype, grad_teacher=True)
     assert_matches_reference(emulated_as_torch_backend, s, t, relation=relation, num_frames=frames,
-                             deterministic=deterministic)
+                             deterministic=deterministic, algorithm=algorithm)
 
 
 @requires_emulator
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("shape, dt, dtype", [((1, 1, 3), 2, torch.float32), ((3, 70, 33), 17, torch.float32),
                                               ((1, 3, 5), 7, torch.bfloat16), ((2, 66, 72), 130, torch.float16)])
-def test_emulated_kernel_odd_shapes(emulated_as_torch_backend, reduction, shape, dt, dtype):
+@pytest.mark.parametrize("algorithm", ["two_pass", "memory_minimal"])
+def test_emulated_kernel_odd_shapes(emulated_as_torch_backend, reduction, shape, dt, dtype, algorithm):
     # Ds = 33 fp32 / 72 fp16: rows off 16-byte boundaries or chunks past 64, element-wise staging paths.
     s, t = make_pair(shape, dt, dtype=dtype, grad_teacher=True)
-    assert_matches_reference(emulated_as_torch_backend, s, t, reduction=reduction)
+    assert_matches_reference(emulated_as_torch_backend, s, t, reduction=reduction, algorithm=algorithm)
 
 
 @requires_emulator
-def test_emulated_kernel_zero_tokens_and_nan(emulated_as_torch_backend):
-    s, t = make_pair((2, 70, 16), 24, grad_teacher=True)
-    check_zero_tokens_and_nan(emulated_as_torch_backend, s, t)
+@pytest.mark.parametrize("algorithm", ["two_pass", "memory_minimal"])
+def test_emulated_kernel_zero_tokens_and_nan(emulated_as_torch_backend, algorithm):
+    s, t = make_pair((2, 140, 16), 24, grad_teacher=True)
+    check_zero_tokens_and_nan(emulated_as_torch_backend, s, t, algorithm=algorithm)
 
 
 @requires_emulator
@@ -347,9 +366,11 @@ def test_emulated_kernel_staging_paths_agree(dtype):
     t = torch.randn(2, 150, 40).to(dtype)
     fs, ft, spec = features(s, t, relation="temporal", num_frames=3)
     assert fs.values.stride(1) == 65
-    strided = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True)
-    contiguous = cuda_backend.emulated_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, True)
-    assert_results_equal(strided, contiguous)
+    for algorithm in ("two_pass", "memory_minimal"):
+        strided = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, algorithm=algorithm)
+        contiguous = cuda_backend.emulated_pair_sums(Features(s.contiguous(), fs.norm), ft, spec, True, True,
+                                                     algorithm=algorithm)
+        assert_results_equal(strided, contiguous)
 
 
 @requires_emulator
@@ -360,19 +381,30 @@ def test_emulated_kernel_is_order_independent(order, dtype, deterministic):
     # cp.async not yet waited for) would see other data in some order.
     s, t = make_pair((1, 140, 72), 40, dtype=dtype, grad_teacher=True)
     fs, ft, spec = features(s, t, relation="temporal", num_frames=7)
-    forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic)
+    forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic,
+                                              algorithm="memory_minimal")
     other = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, deterministic, splits=2 - deterministic,
-                                            order=order)
+                                            order=order, algorithm="memory_minimal")
     assert_results_equal(forward, other)
+    if dtype != torch.bfloat16:
+        return
+    # The two-pass kernels: 260 tokens, 3 map tiles per side, so both map orientations are decoded.
+    s, t = make_pair((1, 260, 24), 16, dtype=dtype, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="temporal", num_frames=7)
+    forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, algorithm="two_pass")
+    other = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, order=order, algorithm="two_pass")
+    assert_results_equal(forward, other)
+    assert_results_equal(cuda_backend.emulated_relation_pass(fs, ft, spec),
+                         cuda_backend.emulated_relation_pass(fs, ft, spec, order=order))
 
 
 @requires_emulator
 def test_emulated_kernel_matches_twin_for_every_split():
     s, t = make_pair((1, 200, 48), 32, grad_teacher=True)
     fs, ft, spec = features(s, t, relation="spatial", num_frames=4)
-    twin = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, threads=1)
+    twin = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, threads=1, algorithm="memory_minimal")
     for kwargs in (dict(splits=1), dict(splits=2), dict(splits=4), dict(deterministic=True)):
-        emulated = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, **kwargs)
+        emulated = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, algorithm="memory_minimal", **kwargs)
         for a, b in zip(emulated, twin):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     loss_only = cuda_backend.emulated_pair_sums(fs, ft, spec, False, False)

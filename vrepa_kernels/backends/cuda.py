@@ -1,16 +1,30 @@
-"""CUDA C++ backend: the fused kernels of ``csrc/`` behind ``vrepa_kernels._C_cuda``.
+"""CUDA C++ backend: the kernels of ``csrc/`` behind ``vrepa_kernels._C_cuda``.
 
 The compiled modules take raw pointers, sizes, strides and the CUDA stream from here, and never link
 libtorch: one build serves any torch version. ``_C_cuda`` holds the GPU kernels; ``_C_cpu`` holds their
-CPU twin (same tile schedule, masks and epilogue, plain C++ products), exposed as
-:func:`cpu_twin_pair_sums` with the ``pair_sums`` signature; ``_C_emulator`` runs the kernel's own code on
+CPU twin (same tile schedule, masks, epilogue and sign map, plain C++ products), exposed as
+:func:`cpu_twin_pair_sums` with the ``pair_sums`` signature; ``_C_emulator`` runs the kernels' own code on
 the CPU for tests (:func:`emulated_pair_sums`).
+
+Two training paths (``algorithm=``):
+
+* ``"two_pass"``: a relation pass over the 128 x 128 tiles I <= J writes per-tile loss sums and the 2-bit
+  sign map (:mod:`vrepa_kernels.sign_map`, the format the Triton backend writes too); a gradient pass
+  computes ``G = P U`` from the map, each output written once. No atomics, bitwise deterministic. Extra
+  memory: the map (``sign_map.map_bytes``, about N^2/8 bytes per sample) plus one unit-row copy of each
+  operand that needs a gradient (B N D in the input dtype).
+* ``"memory_minimal"``: the fused kernel (one pass, fp32 gradient atomics, or the row-owned schedule when
+  ``deterministic``); O(B N D) memory.
+* ``"auto"``: two-pass unless the map exceeds :data:`MAP_BUDGET_BYTES` (1 GiB).
+
+A loss-only call (no gradient) runs the fused kernel without atomics whatever ``algorithm`` says.
 
 All return what every backend returns: per-sample sums ``[B]`` (fp32), ``d sum / d s_hat = 2 P s_hat`` and
 ``d sum / d t_hat = -2 P t_hat`` (fp32, or None), with ``P_ij = sign(D_ij) [|D_ij| > margin] keep_ij``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -19,11 +33,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import sign_map
 from ..features import Features
 from ..relation import RelationSpec
 
 RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ALGORITHMS = ("auto", "two_pass", "memory_minimal")
+MAP_BUDGET_BYTES = 1 << 30  # "auto" falls back to the memory-minimal path above this map size
 BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
 
 
@@ -199,7 +216,7 @@ def _prepare(student: Features, teacher: Features, spec: RelationSpec, need_s: b
 
 def _run(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
          deterministic: bool, backend: str, parallel_units: int, splits: Optional[int], **launch):
-    """Allocate with torch, plan the launch, call ``ext.pair_sums``; the sums come back in fp32."""
+    """The fused kernel: allocate with torch, plan the launch, call ``ext.pair_sums``; sums come back in fp32."""
     s, t, s_inv, t_inv, g_s, g_t, symmetric = _prepare(student, teacher, spec, need_s, need_t, deterministic, backend)
     batch, n = s.shape[:2]
     row_blocks, planned = ext.plan(batch, n, symmetric, parallel_units)
@@ -209,6 +226,102 @@ def _run(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: 
     return partial.sum(dim=1).to(torch.float32), g_s, g_t
 
 
+def map_bytes(spec: RelationSpec) -> int:
+    """Bytes of the two-pass sign map for ``spec`` (spatial: that of the B * F one-frame samples)."""
+    if spec.relation == "spatial":
+        return sign_map.map_bytes(spec.batch * spec.num_frames, spec.tokens_per_frame)
+    return sign_map.map_bytes(spec.batch, spec.num_tokens)
+
+
+def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[int, int]] = None) -> str:
+    """``"two_pass"`` or ``"memory_minimal"`` for a training call (the same arguments as Triton's): ``part``
+    (sequence parallelism) takes the memory-minimal path; ``"auto"`` is two-pass unless the whole call's map
+    (:func:`map_bytes`) exceeds :data:`MAP_BUDGET_BYTES`."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if part is not None:
+        return "memory_minimal"
+    if algorithm == "auto":
+        return "two_pass" if map_bytes(spec) <= MAP_BUDGET_BYTES else "memory_minimal"
+    return algorithm
+
+
+def _per_frame(student: Features, teacher: Features, spec: RelationSpec):
+    """Same-frame pairs of B samples are all pairs of B * F one-frame samples (as the torch backend runs them)."""
+    frames, tpf = spec.num_frames, spec.tokens_per_frame
+    if tpf < 1 or spec.num_tokens % tpf:
+        raise ValueError(f"tokens_per_frame={tpf} must be >= 1 and divide n={spec.num_tokens}")
+    per_frame = [Features(f.values.reshape(spec.batch * frames, tpf, -1), f.norm.reshape(spec.batch * frames, tpf, 1))
+                 for f in (student, teacher)]
+    frame_spec = dataclasses.replace(spec, batch=spec.batch * frames, num_tokens=tpf, relation="full",
+                                     tokens_per_frame=0)
+    return per_frame[0], per_frame[1], frame_spec
+
+
+def _relation_pass(ext, student: Features, teacher: Features, spec: RelationSpec, backend: str, **launch):
+    """Pass 1 on ``spec`` as given (spatial already flattened): per-sample fp64 sums and the int32 map."""
+    if student.values.dtype not in DTYPE_CODES:
+        raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, "
+                        f"got {student.values.dtype}; use backend='torch' for float64")
+    s, t = _rows(student.values), _rows(teacher.values)
+    s_inv = student.inv_norm.float().contiguous()
+    t_inv = teacher.inv_norm.float().contiguous()
+    batch, n, ds = s.shape
+    tiles = sign_map.num_map_tiles(n)
+    words = torch.empty(batch, tiles, sign_map.MAP_TILE, sign_map.WORDS_PER_ROW, dtype=torch.int32, device=s.device)
+    partial = torch.empty(batch, tiles, dtype=torch.float64, device=s.device)
+    ext.relation_pass(s=s.data_ptr(), t=t.data_ptr(), s_inv=s_inv.data_ptr(), t_inv=t_inv.data_ptr(),
+                      map=words.data_ptr(), partial=partial.data_ptr(), dtype=DTYPE_CODES[s.dtype], batch=batch, n=n,
+                      ds=ds, dt=t.shape[-1], s_strides=(s.stride(0), s.stride(1)),
+                      t_strides=(t.stride(0), t.stride(1)), relation=RELATION_CODES[spec.relation],
+                      tokens_per_frame=spec.tokens_per_frame or 1, margin=float(spec.margin), **launch)
+    return partial.sum(dim=1), words
+
+
+def _gradient_pass(ext, words: torch.Tensor, feats: Features, scale: float, **launch) -> torch.Tensor:
+    """Pass 2 for one operand: ``scale * P U`` in fp32, U the unit rows rounded once to the input dtype."""
+    values = feats.values
+    unit = (values.float() * feats.inv_norm.float().unsqueeze(-1)).to(values.dtype).contiguous()
+    batch, n, dim = unit.shape
+    g = torch.empty(batch, n, dim, dtype=torch.float32, device=values.device)  # every element written once
+    ext.gradient_pass(map=words.data_ptr(), x=unit.data_ptr(), g=g.data_ptr(), dtype=DTYPE_CODES[values.dtype],
+                      batch=batch, n=n, dim=dim, x_strides=(unit.stride(0), unit.stride(1)),
+                      g_strides=(g.stride(0), g.stride(1)), scale=scale, **launch)
+    return g
+
+
+def _two_pass(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
+              backend: str, **launch):
+    frames = 1
+    if spec.relation == "spatial":
+        frames = spec.num_frames
+        student, teacher, spec = _per_frame(student, teacher, spec)
+    sums, words = _relation_pass(ext, student, teacher, spec, backend, **launch)
+    g_s = _gradient_pass(ext, words, student, 2.0, **launch) if need_s else None
+    g_t = _gradient_pass(ext, words, teacher, -2.0, **launch) if need_t else None
+    batch = sums.shape[0] // frames
+    unflatten = lambda g: None if g is None else g.reshape(batch, -1, g.shape[-1])
+    return sums.reshape(batch, frames).sum(dim=1).to(torch.float32), unflatten(g_s), unflatten(g_t)
+
+
+def _relation_pass_public(ext, student: Features, teacher: Features, spec: RelationSpec, backend: str, **launch):
+    """(per-sample fp32 sums, int32 map); spatial: the map of the B * F one-frame samples."""
+    frames = 1
+    if spec.relation == "spatial":
+        frames = spec.num_frames
+        student, teacher, spec = _per_frame(student, teacher, spec)
+    sums, words = _relation_pass(ext, student, teacher, spec, backend, **launch)
+    return sums.reshape(-1, frames).sum(dim=1).to(torch.float32), words
+
+
+def _device_launch(device: torch.device):
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index
+
+
 def pair_sums(
     student: Features,
     teacher: Features,
@@ -216,17 +329,32 @@ def pair_sums(
     need_s: bool,
     need_t: bool,
     deterministic: bool = False,
+    part: Optional[Tuple[int, int]] = None,
+    algorithm: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The fused CUDA kernel on torch's current stream of the inputs' device."""
+    """The CUDA kernels on torch's current stream of the inputs' device (``algorithm``: see the module docstring).
+
+    ``part=(rank, world)`` is not split by this backend (its registry entry says so): it is rejected.
+    """
+    if part is not None:
+        raise ValueError(f"backend='cuda' does not split work across ranks, got part={part}")
+    path = choose_algorithm(algorithm, spec, part)
     device = student.values.device
-    reason = unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_launch(device)
     with torch.cuda.device(index):
         stream = torch.cuda.current_stream(device).cuda_stream
+        if path == "two_pass" and (need_s or need_t):
+            return _two_pass(_cuda_ext, student, teacher, spec, need_s, need_t, "cuda", device=index, stream=stream)
         return _run(_cuda_ext, student, teacher, spec, need_s, need_t, deterministic, "cuda", _multiprocessors(index),
                     None, device=index, stream=stream)
+
+
+def relation_pass(student: Features, teacher: Features, spec: RelationSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 alone on the GPU: per-sample loss sums (fp32) and the sign map (int32, :mod:`sign_map` layout)."""
+    index = _device_launch(student.values.device)
+    with torch.cuda.device(index):
+        stream = torch.cuda.current_stream(student.values.device).cuda_stream
+        return _relation_pass_public(_cuda_ext, student, teacher, spec, "cuda", device=index, stream=stream)
 
 
 def _host_extension(ext, description: str, kind: str, import_error: Optional[str], caller: str, student: Features):
@@ -238,6 +366,27 @@ def _host_extension(ext, description: str, kind: str, import_error: Optional[str
     return ext
 
 
+def _twin(caller: str, student: Features):
+    return _host_extension(_cpu_ext, "the CPU twin vrepa_kernels._C_cpu", "cpu", _cpu_import_error, caller, student)
+
+
+def _emulator(caller: str, student: Features):
+    return _host_extension(_emulator_ext, "the kernel emulator vrepa_kernels._C_emulator", "emulator",
+                           _emulator_import_error, caller, student)
+
+
+def _twin_threads(threads: Optional[int]) -> int:
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+def _check_fused_only(path: str, need_grad: bool, splits: Optional[int]) -> None:
+    if splits is not None and path == "two_pass" and need_grad:
+        raise ValueError(f"splits={splits} applies to the memory-minimal (fused) kernel, not to algorithm='two_pass'")
+
+
 def cpu_twin_pair_sums(
     student: Features,
     teacher: Features,
@@ -247,19 +396,28 @@ def cpu_twin_pair_sums(
     deterministic: bool = False,
     threads: Optional[int] = None,
     splits: Optional[int] = None,
+    algorithm: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The CPU twin of the CUDA kernel (same schedule and epilogue), for CPU tensors.
+    """The CPU twin of the CUDA kernels (same schedule, epilogue and sign map), for CPU tensors.
 
-    ``threads`` defaults to ``torch.get_num_threads()``; ``splits`` (symmetric schedule only) to what the GPU
-    launch plan would pick for that many parallel units. Results are bitwise reproducible for fixed arguments.
+    ``threads`` defaults to ``torch.get_num_threads()``; ``splits`` (fused kernel, symmetric schedule only) to
+    what the GPU launch plan would pick for that many parallel units. Bitwise reproducible for fixed arguments.
     """
-    ext = _host_extension(_cpu_ext, "the CPU twin vrepa_kernels._C_cpu", "cpu", _cpu_import_error,
-                          "cpu_twin_pair_sums", student)
-    threads = torch.get_num_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    ext = _twin("cpu_twin_pair_sums", student)
+    threads = _twin_threads(threads)
+    path = choose_algorithm(algorithm, spec)
+    _check_fused_only(path, need_s or need_t, splits)
+    if path == "two_pass" and (need_s or need_t):
+        return _two_pass(ext, student, teacher, spec, need_s, need_t, "cpu_twin", threads=threads)
     return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits,
                 threads=threads)
+
+
+def cpu_twin_relation_pass(student: Features, teacher: Features, spec: RelationSpec,
+                           threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The twin's relation pass: per-sample loss sums (fp32) and the sign map (int32, :mod:`sign_map` layout)."""
+    ext = _twin("cpu_twin_relation_pass", student)
+    return _relation_pass_public(ext, student, teacher, spec, "cpu_twin", threads=_twin_threads(threads))
 
 
 def emulated_pair_sums(
@@ -272,13 +430,25 @@ def emulated_pair_sums(
     splits: Optional[int] = None,
     multiprocessors: int = 132,
     order: int = 0,
+    algorithm: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The CUDA kernel's own code run on CPU tensors by the warp/barrier emulator (tests; tiny shapes).
+    """The CUDA kernels' own code run on CPU tensors by the warp/barrier emulator (tests; tiny shapes).
 
-    The launch is planned as for a GPU with ``multiprocessors`` SMs (an H100 has 132) unless ``splits`` is given.
-    ``order`` picks the order in which the emulator resumes threads (0 forward, 1 reverse, else a seeded shuffle).
+    The fused launch is planned as for a GPU with ``multiprocessors`` SMs (an H100 has 132) unless ``splits`` is
+    given. ``order`` picks the order in which the emulator resumes threads (0 forward, 1 reverse, else a seeded
+    shuffle).
     """
-    ext = _host_extension(_emulator_ext, "the kernel emulator vrepa_kernels._C_emulator", "emulator",
-                          _emulator_import_error, "emulated_pair_sums", student)
+    ext = _emulator("emulated_pair_sums", student)
+    path = choose_algorithm(algorithm, spec)
+    _check_fused_only(path, need_s or need_t, splits)
+    if path == "two_pass" and (need_s or need_t):
+        return _two_pass(ext, student, teacher, spec, need_s, need_t, "emulator", order=order)
     return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "emulator", multiprocessors,
                 splits, order=order)
+
+
+def emulated_relation_pass(student: Features, teacher: Features, spec: RelationSpec,
+                           order: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The relation-pass kernel's own code, emulated: per-sample loss sums (fp32) and the sign map (int32)."""
+    ext = _emulator("emulated_relation_pass", student)
+    return _relation_pass_public(ext, student, teacher, spec, "emulator", order=order)

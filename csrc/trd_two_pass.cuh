@@ -1,0 +1,502 @@
+// The two-pass training path (issue 13): no atomics, each output written once, bitwise deterministic.
+//
+//  * relation pass: one CTA per 128x128 tile (I, J), I <= J, of the linearised upper triangle (every tile
+//    the same work, so the grid is balanced). D = (S_I S_J^T) a_I a_J^T - (T_I T_J^T) b_I b_J^T from the raw
+//    inputs (normalisation fused as in the fused kernel: the inverse norms scale the fp32 accumulators once,
+//    after the last chunk of each operand), feature slices of 128 bytes staged by cp.async in 3 stages,
+//    ldmatrix + mma.sync for bf16/fp16, FMA for fp32. The epilogue writes the tile's loss sum (off-diagonal
+//    tiles count twice) and its 2-bit codes into the sign map (trd_shared.h, sign_map.py).
+//  * gradient pass: one CTA per 128 rows x 128 features of G = scale * P U (U: unit rows of s or t, one
+//    normalised copy made before the pass, so nothing is rescaled inside the K loop). The K loop walks the
+//    column tiles; each step stages the map words (tile (I, J), or (J, I) read transposed for J < I) and U
+//    by cp.async (3 stages), decodes the codes into a P tile in shared memory, and multiplies with ldmatrix +
+//    mma.sync (fp32: FMA). Steps whose P is all zero are skipped. fp32 accumulators stay on chip; each
+//    output element is stored once.
+#pragma once
+
+#include "trd_kernel.cuh"
+
+namespace vrepa {
+namespace cuda {
+
+constexpr int kStages = 3;
+constexpr int kSliceBytes = 128;  // bytes of one staged row slice: 64 bf16/fp16 or 32 fp32 values
+
+template <class T>
+__host__ __device__ constexpr int slice_elems() {
+  return kSliceBytes / static_cast<int>(sizeof(T));
+}
+// 16 bytes of padding per shared-memory row: conflict-free ldmatrix and 16-byte aligned rows.
+template <class T>
+__host__ __device__ constexpr int pad_elems() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+using PassAcc = float[kPassMmaM][kPassMmaN][4];
+
+// ---------------------------------------------------------------------------------------------------
+// Shared-memory layouts
+// ---------------------------------------------------------------------------------------------------
+
+// Relation pass: kStages x (row tile, column tile) of [128][slice + pad], then one double per warp. After the
+// K loop the first 16 KB hold the tile's codes, one byte per pair, [128][128].
+template <class T>
+__host__ __device__ constexpr int rel_stride() {
+  return slice_elems<T>() + pad_elems<T>();
+}
+template <class T>
+__host__ __device__ constexpr int rel_tile_elems() {
+  return kPassTile * rel_stride<T>();
+}
+template <class T>
+__host__ __device__ constexpr size_t relation_smem_bytes() {
+  return static_cast<size_t>(kStages) * 2 * rel_tile_elems<T>() * sizeof(T) + kPassWarps * sizeof(double);
+}
+static_assert(kMapTile * kMapTile <= 2 * rel_tile_elems<__half>() * 2, "the codes fit in the first stage");
+
+// Gradient pass: kStages x (map words [2 KB], U [k][128 + pad]), then one P tile, [128][k + pad] or, read
+// transposed, [k][128 + pad]. A K step covers grad_step<T>() column tokens.
+template <class T>
+__host__ __device__ constexpr int grad_step() {
+  return slice_elems<T>();
+}
+constexpr int kRawWords = 512;  // map words staged per K step
+template <class T>
+__host__ __device__ constexpr int u_stride() {
+  return kGradCols + pad_elems<T>();
+}
+template <class T>
+__host__ __device__ constexpr int u_elems() {
+  return grad_step<T>() * u_stride<T>();
+}
+template <class T>
+__host__ __device__ constexpr int p_stride() {  // P [i][k]
+  return grad_step<T>() + pad_elems<T>();
+}
+template <class T>
+__host__ __device__ constexpr int pt_stride() {  // P^T [k][i]
+  return kPassTile + pad_elems<T>();
+}
+template <class T>
+__host__ __device__ constexpr int p_elems() {
+  return kPassTile * p_stride<T>() > grad_step<T>() * pt_stride<T>() ? kPassTile * p_stride<T>()
+                                                                      : grad_step<T>() * pt_stride<T>();
+}
+template <class T>
+__host__ __device__ constexpr size_t stage_bytes() {
+  return kRawWords * sizeof(uint32_t) + static_cast<size_t>(u_elems<T>()) * sizeof(T);
+}
+template <class T>
+__host__ __device__ constexpr size_t gradient_smem_bytes() {
+  return kStages * stage_bytes<T>() + static_cast<size_t>(p_elems<T>()) * sizeof(T);
+}
+static_assert(kPassTile * (grad_step<float>() / kCodesPerWord) <= 4 * kPassTile, "non-transposed raw words fit");
+static_assert(grad_step<__half>() * kWordsPerMapRow <= kRawWords, "transposed raw words fit");
+static_assert(kMapTile % grad_step<float>() == 0 && kMapTile % grad_step<__half>() == 0, "K steps tile a map tile");
+
+// ---------------------------------------------------------------------------------------------------
+// Staging and products
+// ---------------------------------------------------------------------------------------------------
+
+// tile[r][c] = X[row0 + r][col0 + c] for rows < row_limit and columns < dim, zero elsewhere; 16-byte cp.async
+// where the whole vector is in range and rows are 16-byte aligned, else element loads.
+template <class T, int kRows, int kCols, int kStride>
+__device__ __forceinline__ void stage_block(T* tile, const T* x, int64_t stride_n, int row0, int row_limit,
+                                            int64_t col0, int64_t dim, bool vec16) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVecsPerRow = kCols / kVec;
+  for (int v = thread_id(); v < kRows * kVecsPerRow; v += kPassThreads) {
+    const int r = v / kVecsPerRow;
+    const int c = (v % kVecsPerRow) * kVec;
+    const int row = row0 + r;
+    const int64_t col = col0 + c;
+    T* dst = tile + r * kStride + c;
+    const T* src = x + static_cast<int64_t>(row) * stride_n + col;
+    if (row < row_limit && vec16 && col + kVec <= dim) {
+      cp_async_16(dst, src);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) dst[e] = (row < row_limit && col + e < dim) ? src[e] : zero_value<T>();
+    }
+  }
+}
+
+// bf16/fp16: acc[m][n] += sum_k A(m, k) B(n, k) over kDepth, ldmatrix for both operands, mma.sync m16n8k16.
+template <Layout kA, Layout kB, int kDepth, int kStrideA, int kStrideB, class T>
+__device__ __forceinline__ void pass_mma(PassAcc& acc, const T* a, const T* b, int lane) {
+#pragma unroll
+  for (int k = 0; k < kDepth; k += 16) {
+    uint32_t af[kPassMmaM][4], bf[kPassMmaN][2];
+#pragma unroll
+    for (int mi = 0; mi < kPassMmaM; ++mi)
+      ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, kStrideA));
+#pragma unroll
+    for (int nj = 0; nj < kPassMmaN / 2; ++nj) {
+      uint32_t r[4];
+      ldsm_x4_of<kB>(r, b + ldsm_b_offset(kB, lane, nj * 16, k, kStrideB));
+      bf[2 * nj][0] = r[0];
+      bf[2 * nj][1] = r[1];
+      bf[2 * nj + 1][0] = r[2];
+      bf[2 * nj + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kPassMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
+  }
+}
+
+// fp32 Gram product, A [m][k] and B [n][k]: 4-deep dot products from float4 rows.
+template <int kDepth, int kStride>
+__device__ __forceinline__ void pass_fma_rows(PassAcc& acc, const float* a, const float* b, int lane) {
+#pragma unroll 1
+  for (int k = 0; k < kDepth; k += 4) {
+    float4 bv[kPassMmaN][2];
+#pragma unroll
+    for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * kStride + k);
+#pragma unroll
+    for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float4 x = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * kStride + k);
+#pragma unroll
+        for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float4 y = bv[ni][e];
+            float v = acc[mi][ni][2 * h + e];
+            v = fmaf(x.x, y.x, v);
+            v = fmaf(x.y, y.y, v);
+            v = fmaf(x.z, y.z, v);
+            v = fmaf(x.w, y.w, v);
+            acc[mi][ni][2 * h + e] = v;
+          }
+      }
+  }
+}
+
+// fp32 gradient product, A [m][k] or [k][m], B [k][n]: rank-1 updates.
+template <Layout kA, int kDepth, int kStrideA, int kStrideB>
+__device__ __forceinline__ void pass_fma_outer(PassAcc& acc, const float* a, const float* b, int lane) {
+#pragma unroll 2
+  for (int k = 0; k < kDepth; ++k) {
+    float2 bv[kPassMmaN];
+#pragma unroll
+    for (int ni = 0; ni < kPassMmaN; ++ni)
+      bv[ni] = *reinterpret_cast<const float2*>(b + k * kStrideB + ni * 8 + acc_col(lane, 0));
+#pragma unroll
+    for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = mi * 16 + acc_row(lane, 2 * h);
+        const float p = kA == Layout::kDepthMajor ? a[k * kStrideA + m] : a[m * kStrideA + k];
+#pragma unroll
+        for (int ni = 0; ni < kPassMmaN; ++ni) {
+          acc[mi][ni][2 * h] = fmaf(p, bv[ni].x, acc[mi][ni][2 * h]);
+          acc[mi][ni][2 * h + 1] = fmaf(p, bv[ni].y, acc[mi][ni][2 * h + 1]);
+        }
+      }
+  }
+}
+
+// The Gram product of one staged slice: this warp's 64 rows of the row tile against its 32 columns.
+template <class T>
+__device__ __forceinline__ void gram_slice(PassAcc& acc, const T* rows, const T* cols, int lane) {
+  constexpr int S = rel_stride<T>();
+  if constexpr (ElementTraits<T>::kTensorCores) {
+    pass_mma<Layout::kOutputMajor, Layout::kOutputMajor, slice_elems<T>(), S, S>(acc, rows, cols, lane);
+  } else {
+    pass_fma_rows<slice_elems<T>(), S>(acc, rows, cols, lane);
+  }
+}
+
+// acc += P U for one K step; P stored [i][k] (kA output-major) or [k][i] (depth-major), U [k][feature].
+template <Layout kA, class T>
+__device__ __forceinline__ void p_times_u(PassAcc& acc, const T* p, const T* u, int lane) {
+  constexpr int SA = kA == Layout::kDepthMajor ? pt_stride<T>() : p_stride<T>();
+  if constexpr (ElementTraits<T>::kTensorCores) {
+    pass_mma<kA, Layout::kDepthMajor, grad_step<T>(), SA, u_stride<T>()>(acc, p, u, lane);
+  } else {
+    pass_fma_outer<kA, grad_step<T>(), SA, u_stride<T>()>(acc, p, u, lane);
+  }
+}
+
+// The 16 codes of a map word as P values (0, +1, -1, NaN) in dst[0..16), dst 8-byte aligned.
+template <class T>
+__device__ __forceinline__ void decode_word(T* dst, uint32_t word) {
+#pragma unroll
+  for (int e = 0; e < kCodesPerWord; e += 2)
+    store_pair(dst + e, code_sign(word_code(word, e)), code_sign(word_code(word, e + 1)));
+}
+
+// One map word from 16 one-byte codes (each 0..3).
+__device__ __forceinline__ uint32_t pack_word(const unsigned char* codes) {
+  uint32_t word = 0;
+#pragma unroll
+  for (int e = 0; e < kCodesPerWord; ++e) word |= static_cast<uint32_t>(codes[e]) << (2 * e);
+  return word;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Pass 1: the relation pass
+// ---------------------------------------------------------------------------------------------------
+
+template <class T>
+VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
+  constexpr int S = rel_stride<T>();
+  constexpr int kElems = rel_tile_elems<T>();
+  constexpr int kSlice = slice_elems<T>();
+  T* smem = reinterpret_cast<T*>(dynamic_smem());
+  double* warp_sums = reinterpret_cast<double*>(smem + kStages * 2 * kElems);
+
+  const int thread = thread_id(), lane = thread & 31, warp = thread >> 5;
+  const int64_t side = map_side(args.n), tiles = map_tiles(args.n);
+  const int64_t batch_index = block_id() % args.batch, tile = block_id() / args.batch;
+  const MapTile mt = map_tile_of(tile, side);
+  const int n = static_cast<int>(args.n);
+  const int tpf = static_cast<int>(args.tokens_per_frame);
+  const int relation = args.relation;
+  const float margin = args.margin;
+  const int row0 = static_cast<int>(mt.i) * kPassTile, col0 = static_cast<int>(mt.j) * kPassTile;
+  const int row_last = (row0 + kPassTile < n ? row0 + kPassTile : n) - 1;
+  const int col_last = (col0 + kPassTile < n ? col0 + kPassTile : n) - 1;
+  uint32_t* map = args.map + (batch_index * tiles + tile) * kMapTileWords;
+  double* partial = args.partial + batch_index * tiles + tile;
+
+  if (!tile_has_kept_pairs(relation, tpf, row0, row_last, col0, col_last)) {  // uniform in the CTA
+    for (int w = thread; w < kMapTileWords; w += kPassThreads) map[w] = 0;
+    if (thread == 0) *partial = 0.0;
+    return;
+  }
+
+  const Operand s{static_cast<const T*>(args.s) + batch_index * args.s_stride_b, args.s_inv + batch_index * args.n,
+                  args.s_stride_n, args.ds, args.s_vec16};
+  const Operand t{static_cast<const T*>(args.t) + batch_index * args.t_stride_b, args.t_inv + batch_index * args.n,
+                  args.t_stride_n, args.dt, args.t_vec16};
+
+  const int s_chunks = static_cast<int>(ceil_div(s.dim, kSlice));
+  const int chunks = s_chunks + static_cast<int>(ceil_div(t.dim, kSlice));
+  auto issue = [&](int c) {
+    if (c < chunks) {
+      T* stage = smem + (c % kStages) * 2 * kElems;
+      // Select field by field: a reference to either operand would put both structs on the stack.
+      const bool teacher = c >= s_chunks;
+      const T* base = static_cast<const T*>(teacher ? t.base : s.base);
+      const int64_t stride_n = teacher ? t.stride_n : s.stride_n;
+      const int64_t dim = teacher ? t.dim : s.dim;
+      const bool vec16 = teacher ? t.vec16 : s.vec16;
+      const int64_t k0 = static_cast<int64_t>(teacher ? c - s_chunks : c) * kSlice;
+      stage_block<T, kPassTile, kSlice, S>(stage, base, stride_n, row0, n, k0, dim, vec16);
+      stage_block<T, kPassTile, kSlice, S>(stage + kElems, base, stride_n, col0, n, k0, dim, vec16);
+    }
+    cp_async_commit();  // empty groups past the end keep the wait count uniform
+  };
+
+  PassAcc gap, acc = {};
+  issue(0);
+  issue(1);
+  for (int c = 0; c < chunks; ++c) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of slice c have landed
+    block_sync();                  // ... everyone's, and every warp is done with slice c - 1's stage
+    issue(c + kStages - 1);        // refills that stage
+    const T* stage = smem + (c % kStages) * 2 * kElems;
+    gram_slice<T>(acc, stage + pass_warp_row0(warp) * S, stage + kElems + pass_warp_col0(warp) * S, lane);
+    if (c == s_chunks - 1) {  // student done: gap = Gs (scaled once), the accumulator restarts for the teacher
+#pragma unroll
+      for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int i = row0 + pass_tile_row(thread, mi, r), j = col0 + pass_tile_col(thread, ni, r);
+            const float scale = (i < n ? s.inv[i] : 0.0f) * (j < n ? s.inv[j] : 0.0f);
+            gap[mi][ni][r] = acc[mi][ni][r] * scale;
+            acc[mi][ni][r] = 0.0f;
+          }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: the loss sum in registers, one code byte per pair in shared memory (the stages are free once
+  // every warp has passed this barrier).
+  block_sync();
+  unsigned char* codes = reinterpret_cast<unsigned char*>(smem);
+  float tile_sum = 0.0f;
+#pragma unroll
+  for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int ii = pass_tile_row(thread, mi, r), jj = pass_tile_col(thread, ni, r);
+        const int i = row0 + ii, j = col0 + jj;
+        const float t_scale = (i < n ? t.inv[i] : 0.0f) * (j < n ? t.inv[j] : 0.0f);
+        const float d = gap[mi][ni][r] - acc[mi][ni][r] * t_scale;
+        const bool keep = i < n && j < n && keep_frames(relation, i / tpf, j / tpf);
+        tile_sum += keep ? element_loss(d, margin) : 0.0f;
+        codes[ii * kMapTile + jj] = static_cast<unsigned char>(keep ? pair_code(d, margin) : kCodeNone);
+      }
+  block_sync();
+  // Word w of the tile is row w / 8, codes 16 (w % 8) ..: bytes [16 w, 16 w + 16) of `codes`. Coalesced stores.
+  for (int w = thread; w < kMapTileWords; w += kPassThreads) map[w] = pack_word(codes + w * kCodesPerWord);
+
+  // Fixed-order reduction: bitwise reproducible.
+  double thread_sum = static_cast<double>(tile_sum);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) thread_sum += warp_shfl_xor(thread_sum, offset);
+  if (lane == 0) warp_sums[warp] = thread_sum;
+  block_sync();
+  if (thread == 0) {
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < kPassWarps; ++w) total += warp_sums[w];
+    *partial = total * (mt.i == mt.j ? 1.0 : 2.0);  // an off-diagonal tile stands for its mirror image too
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Pass 2: the gradient pass
+// ---------------------------------------------------------------------------------------------------
+
+template <class T>
+VREPA_PASS_KERNEL(2) trd_gradient_pass_kernel(const GradientPassArgs args) {
+  constexpr int kStep = grad_step<T>();
+  constexpr int kWordsPerStep = kStep / kCodesPerWord;  // words of one map row that a K step covers
+  unsigned char* base = dynamic_smem();
+  T* p_tile = reinterpret_cast<T*>(base + kStages * stage_bytes<T>());
+
+  const int thread = thread_id(), lane = thread & 31, warp = thread >> 5;
+  const int64_t side = map_side(args.n), tiles = map_tiles(args.n);
+  const int64_t feature_tiles = ceil_div(args.dim, kGradCols);
+  const int64_t batch_index = block_id() % args.batch;
+  const int64_t rest = block_id() / args.batch;
+  const int64_t feature0 = (rest % feature_tiles) * kGradCols;
+  const int64_t row_tile = rest / feature_tiles;
+  const int n = static_cast<int>(args.n);
+  const int row0 = static_cast<int>(row_tile) * kPassTile;
+  const uint32_t* map = args.map + batch_index * tiles * kMapTileWords;
+  const T* x = static_cast<const T*>(args.x) + batch_index * args.x_stride_b;
+  const int steps = static_cast<int>(ceil_div(args.n, kStep));
+
+  auto raw_words = [&](int c) { return reinterpret_cast<uint32_t*>(base + (c % kStages) * stage_bytes<T>()); };
+  auto u_tile = [&](int c) {
+    return reinterpret_cast<T*>(base + (c % kStages) * stage_bytes<T>() + kRawWords * sizeof(uint32_t));
+  };
+  auto issue = [&](int c) {
+    if (c < steps) {
+      const int k0 = c * kStep;
+      const int64_t col_tile = k0 / kMapTile;
+      const int sub = (k0 % kMapTile) / kStep;
+      uint32_t* raw = raw_words(c);
+      if (col_tile >= row_tile) {  // tile (I, J): all 128 rows, the 16-byte word group holding this step's columns
+        const uint32_t* src = map + map_tile_index(row_tile, col_tile, side) * kMapTileWords + ((sub * kWordsPerStep) & ~3);
+        for (int r = thread; r < kPassTile; r += kPassThreads) cp_async_16(raw + 4 * r, src + r * kWordsPerMapRow);
+      } else {  // tile (J, I), transposed: this step's rows (tokens of J), all 8 words (tokens of I)
+        const uint32_t* src = map + map_tile_index(col_tile, row_tile, side) * kMapTileWords + sub * kStep * kWordsPerMapRow;
+        for (int v = thread; v < kStep * kWordsPerMapRow / 4; v += kPassThreads) cp_async_16(raw + 4 * v, src + 4 * v);
+      }
+      stage_block<T, kStep, kGradCols, u_stride<T>()>(u_tile(c), x, args.x_stride_n, k0, n, feature0, args.dim,
+                                                      args.x_vec16);
+    }
+    cp_async_commit();
+  };
+
+  PassAcc acc = {};
+  issue(0);
+  issue(1);
+  for (int c = 0; c < steps; ++c) {
+    cp_async_wait<kStages - 2>();
+    block_sync();  // step c's words and U are visible; every warp is done with step c - 1 (P and its stage)
+    issue(c + kStages - 1);
+    const int k0 = c * kStep;
+    const bool transposed = k0 / kMapTile < row_tile;
+    const uint32_t* raw = raw_words(c);
+    bool any = false;
+    if (!transposed) {  // P[i][k] from row i's words
+      const int offset = (((k0 % kMapTile) / kStep) * kWordsPerStep) & 3;
+      for (int v = thread; v < kPassTile * kWordsPerStep; v += kPassThreads) {
+        const int i = v / kWordsPerStep, q = v % kWordsPerStep;
+        const uint32_t word = raw[4 * i + offset + q];
+        any |= word != 0u;
+        decode_word(p_tile + i * p_stride<T>() + q * kCodesPerWord, word);
+      }
+    } else {  // P^T[k][i] from row k of tile (J, I)
+      for (int v = thread; v < kStep * kWordsPerMapRow; v += kPassThreads) {
+        const int k = v / kWordsPerMapRow, w = v % kWordsPerMapRow;
+        const uint32_t word = raw[v];
+        any |= word != 0u;
+        decode_word(p_tile + k * pt_stride<T>() + w * kCodesPerWord, word);
+      }
+    }
+    if (!block_sync_or(any)) continue;  // P is published; an all-zero step adds nothing
+    const T* u = u_tile(c) + pass_warp_col0(warp);
+    if (transposed) {
+      p_times_u<Layout::kDepthMajor>(acc, p_tile + pass_warp_row0(warp), u, lane);
+    } else {
+      p_times_u<Layout::kOutputMajor>(acc, p_tile + pass_warp_row0(warp) * p_stride<T>(), u, lane);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Each output element is written once, by this CTA.
+  float* g = args.g + batch_index * args.g_stride_b;
+#pragma unroll
+  for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int token = row0 + pass_tile_row(thread, mi, 2 * h);
+        const int64_t feature = feature0 + pass_tile_col(thread, ni, 0);
+        if (token >= n || feature >= args.dim) continue;
+        float* dst = g + static_cast<int64_t>(token) * args.g_stride_n + feature;
+        const float first = args.scale * acc[mi][ni][2 * h], second = args.scale * acc[mi][ni][2 * h + 1];
+        if (feature + 1 < args.dim && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+          *reinterpret_cast<float2*>(dst) = make_float2(first, second);
+        } else {
+          dst[0] = first;
+          if (feature + 1 < args.dim) dst[1] = second;
+        }
+      }
+}
+
+#ifndef VREPA_EMULATE
+template <class T>
+cudaError_t launch_relation_pass(const TrdArgs& args, cudaStream_t stream) {
+  const size_t smem = relation_smem_bytes<T>();
+  cudaError_t err = cudaFuncSetAttribute(trd_relation_pass_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = args.batch * map_tiles(args.n);
+  trd_relation_pass_kernel<T><<<static_cast<unsigned>(blocks), kPassThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_gradient_pass(const GradientPassArgs& args, cudaStream_t stream) {
+  const size_t smem = gradient_smem_bytes<T>();
+  cudaError_t err = cudaFuncSetAttribute(trd_gradient_pass_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = args.batch * map_side(args.n) * ceil_div(args.dim, kGradCols);
+  trd_gradient_pass_kernel<T><<<static_cast<unsigned>(blocks), kPassThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t two_pass_attributes(cudaFuncAttributes* relation, cudaFuncAttributes* gradient) {
+  cudaError_t err = cudaFuncGetAttributes(relation, trd_relation_pass_kernel<T>);
+  if (err != cudaSuccess) return err;
+  return cudaFuncGetAttributes(gradient, trd_gradient_pass_kernel<T>);
+}
+
+#define VREPA_INSTANTIATE_TWO_PASS(T)                                                 \
+  template cudaError_t launch_relation_pass<T>(const TrdArgs&, cudaStream_t);        \
+  template cudaError_t launch_gradient_pass<T>(const GradientPassArgs&, cudaStream_t); \
+  template cudaError_t two_pass_attributes<T>(cudaFuncAttributes*, cudaFuncAttributes*);
+#endif  // VREPA_EMULATE
+
+}  // namespace cuda
+}  // namespace vrepa
