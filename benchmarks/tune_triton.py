@@ -29,14 +29,20 @@ from vrepa_kernels.relation import RelationSpec  # noqa: E402
 TILES = {True: [(64, 64), (128, 128)], False: [(64, 64), (64, 128), (128, 64), (128, 128), (64, 256)]}
 
 
-def candidates(symmetric: bool):
-    """About 16 symmetric and 40 row-owned configs: a few minutes per dtype on an H100."""
+def candidates(symmetric: bool, quick: bool = False):
+    """About 16 symmetric and 40 row-owned configs: a few minutes per dtype on an H100 (quick: the default)."""
+    if quick:
+        yield triton_kernels.default_config(torch.bfloat16, symmetric)
+        return
     for (bm, bn), bd, warps, stages in itertools.product(TILES[symmetric], (32, 64), (4, 8), (2, 3)):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
-def two_pass_candidates():
+def two_pass_candidates(quick: bool = False):
     """Relation-pass and gradient-pass configs (the pair tile is the 128 x 128 map tile)."""
+    if quick:  # about a minute with compiles: what gpu_check.sh affords
+        return ([dict(BLOCK_K=64, num_warps=8, num_stages=st) for st in (2, 3, 4)],
+                [dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=8, num_stages=3) for bn in (64, 128) for bd in (64, 128, 256)])
     relation = [dict(BLOCK_K=k, num_warps=8, num_stages=st) for k, st in itertools.product((32, 64), (2, 3, 4))]
     gradient = [dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
                 for bn, bd, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))]
@@ -57,19 +63,19 @@ def time_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def tune(dtype: torch.dtype, n: int, d: int, reps: int):
+def tune(dtype: torch.dtype, n: int, d: int, reps: int, quick: bool = False):
     gen = torch.Generator(device="cuda").manual_seed(0)
     s = torch.randn(1, n, d, device="cuda", dtype=dtype, generator=gen)
     t = (s.float() + torch.randn(1, n, d, device="cuda", generator=gen)).to(dtype)
     feats_s, feats_t = Features.of(s), Features.of(t)
     spec = RelationSpec(1, n, "full")
-    results = {"two_pass": tune_two_pass(dtype, feats_s, feats_t, spec, reps)}
+    results = {"two_pass": tune_two_pass(dtype, feats_s, feats_t, spec, reps, quick)}
     for schedule, symmetric in (("symmetric", True), ("row_owned", False)):
         run = lambda cfg: triton_kernels.pair_sums(feats_s, feats_t, spec, True, False, not symmetric,
                                                    algorithm="memory_minimal", config=cfg)
         base_sums, base_grad, _ = run(triton_kernels.kernel_config(dtype, s.device, symmetric))
         rows = []
-        for cfg in candidates(symmetric):
+        for cfg in candidates(symmetric, quick):
             try:
                 sums, grad, _ = run(cfg)
                 ok = (torch.allclose(sums, base_sums, rtol=1e-4)
@@ -85,12 +91,12 @@ def tune(dtype: torch.dtype, n: int, d: int, reps: int):
     return results
 
 
-def tune_two_pass(dtype, feats_s, feats_t, spec, reps):
+def tune_two_pass(dtype, feats_s, feats_t, spec, reps, quick=False):
     """The fastest relation-pass config (map written), then the fastest gradient-pass config on that map."""
     default = triton_kernels.two_pass_config(dtype, feats_s.values.device)
     base_sums, base_map = triton_kernels.relation_pass(feats_s, feats_t, spec, config=default["relation"])
     base_grad = triton_kernels.gradient_pass(feats_s, base_map, config=default["gradient"])
-    relation, gradient = two_pass_candidates()
+    relation, gradient = two_pass_candidates(quick)
     best, total = {}, 0.0
     for part, configs in (("relation", relation), ("gradient", gradient)):
         rows = []
@@ -123,23 +129,31 @@ def main(argv=None):
     p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16", "float32"))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--write", action="store_true", help="pin the winners in triton_configs.json")
+    p.add_argument("--quick", action="store_true", help="a few two-pass configs, the memory-minimal defaults")
+    p.add_argument("--copy-to", type=Path, help="also write the resulting table here (gpu_check.sh)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_triton.py needs a CUDA device")
     device = torch.cuda.get_device_name()
     table = json.loads(triton_kernels.TUNED_CONFIGS.read_text()) if triton_kernels.TUNED_CONFIGS.exists() else {}
     for name in args.dtype:
-        best = tune(getattr(torch, name), args.n, args.d, args.reps)
+        best = tune(getattr(torch, name), args.n, args.d, args.reps, args.quick)
         entry = {k: v[2] for k, v in best.items() if v}
         if "symmetric" in entry and "row_owned" in entry:
             entry["fastest"] = min(("symmetric", "row_owned"), key=lambda k: best[k][0])
         entry["measured"] = {k: round(v[0], 3) for k, v in best.items() if v}
+        minimal = [entry["measured"][k] for k in ("symmetric", "row_owned") if k in entry["measured"]]
+        if "two_pass" in entry["measured"] and minimal:  # what algorithm="auto" picks on this GPU
+            faster = entry["measured"]["two_pass"] <= min(minimal)
+            entry["fastest_algorithm"] = "two_pass" if faster else "memory_minimal"
         entry["shape"] = f"N={args.n} D={args.d}, loss + student gradient"
         print(f"== {device} {name}: {json.dumps(entry)}")
         table.setdefault(device, {})[name] = entry
     if args.write:
         triton_kernels.TUNED_CONFIGS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
         print(f"wrote {triton_kernels.TUNED_CONFIGS}")
+    if args.copy_to:
+        args.copy_to.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

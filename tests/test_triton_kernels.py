@@ -114,6 +114,11 @@ def test_algorithm_choice_follows_the_budget_and_the_argument(monkeypatch):
     assert triton_kernels.choose_algorithm("auto", spec, None) == "memory_minimal"
     with pytest.raises(ValueError, match="algorithm must be one of .* got 'fast'"):
         triton_kernels.choose_algorithm("fast", spec, None)
+    monkeypatch.setattr(triton_kernels, "MAP_BUDGET_BYTES", 1 << 30)
+    # A GPU measurement pinned in triton_configs.json that found the memory-minimal path faster wins "auto".
+    monkeypatch.setattr(triton_kernels, "_tuned_for", lambda dtype, device: {"fastest_algorithm": "memory_minimal"})
+    assert triton_kernels.choose_algorithm("auto", spec, None) == "memory_minimal"
+    assert triton_kernels.choose_algorithm("two_pass", spec, None) == "two_pass"
 
 
 def test_samples_are_chunked_so_that_the_maps_fit_the_budget(monkeypatch):

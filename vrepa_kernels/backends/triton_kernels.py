@@ -421,14 +421,19 @@ def _require_triton():
         raise RuntimeError(f"backend='triton' is unavailable: triton is not installed ({IMPORT_ERROR})")
 
 
-def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[int, int]]) -> str:
-    """"two_pass" or "memory_minimal" for a training call (see :data:`MAP_BUDGET_BYTES`)."""
+def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[int, int]],
+                     dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu")) -> str:
+    """"two_pass" or "memory_minimal" for a training call: "auto" is two-pass where the map fits
+    :data:`MAP_BUDGET_BYTES`, unless a GPU measurement pinned in ``triton_configs.json`` found the
+    memory-minimal path faster on this device."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if part is not None:  # sequence parallelism splits the fused kernel's strips between ranks
         return "memory_minimal"
     if algorithm != "auto":
         return algorithm
+    if _tuned_for(dtype, device).get("fastest_algorithm") == "memory_minimal":
+        return "memory_minimal"
     tokens = spec.tokens_per_frame if spec.relation == "spatial" else spec.num_tokens
     return "two_pass" if sign_map.map_bytes(1, tokens) <= MAP_BUDGET_BYTES else "memory_minimal"
 
@@ -568,7 +573,7 @@ def pair_sums(
     ``config`` overrides the memory-minimal kernel's tile config.
     """
     _require_triton()
-    path = choose_algorithm(algorithm, spec, part)
+    path = choose_algorithm(algorithm, spec, part, student.values.dtype, student.values.device)
     wide = needs_wide_offsets(spec.num_tokens, student.values.shape[-1], teacher.values.shape[-1])
     if part is not None or wide or (path == "memory_minimal" and (need_s or need_t)):
         return _memory_minimal(student, teacher, spec, need_s, need_t, deterministic, part, config)
