@@ -77,6 +77,32 @@ def useful_flops(case: Case) -> int:
     return case.batch * per_sample
 
 
+def add_case_args(parser) -> None:
+    """The options of a custom case, shared by run.py and sequence_parallel.py."""
+    parser.add_argument("--n", type=int, nargs="+", help="custom case: token counts N")
+    parser.add_argument("--d", type=int, default=256, help="custom case: feature dim (student and teacher)")
+    parser.add_argument("--ds", type=int, help="custom case: student dim (default --d)")
+    parser.add_argument("--dt", type=int, help="custom case: teacher dim (default --d)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=1, help="custom case: frames per sample (must divide N)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"])
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["fwd+bwd"])
+    parser.add_argument("--relation", nargs="+", choices=("full", "spatial", "temporal"), default=["full"])
+
+
+def custom_cases(args, label: str = "custom") -> List[Case]:
+    """The cases that :func:`add_case_args`' options name: every N x dtype x mode x relation."""
+    cases = []
+    for n in args.n or []:
+        if n % args.frames:
+            raise ValueError(f"--frames {args.frames} must divide every --n, got N={n}")
+        base = Case(batch=args.batch, frames=args.frames, tokens_per_frame=n // args.frames,
+                    ds=args.ds or args.d, dt=args.dt or args.d, label=label)
+        cases += [replace(base, dtype=d, mode=m, relation=r)
+                  for d in args.dtype for m in args.mode for r in args.relation]
+    return cases
+
+
 def _grid(n: int, frames: int = 16) -> Dict[str, int]:
     """A frames x tokens_per_frame grid of n tokens (frames only shapes the spatial/temporal relations)."""
     while n % frames:

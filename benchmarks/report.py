@@ -50,7 +50,8 @@ def table(records: List[Dict]) -> str:
         absent[rec["impl"]] = rec.get("reason", "") if skipped else None
     absent = OrderedDict((k, v) for k, v in absent.items() if v is not None)
     notes: "OrderedDict[str, int]" = OrderedDict()
-    lines = ["| case | impl | median ms | IQR ms | peak MiB | TFLOP/s | time / limit | % of limit | speed-up vs naive |",
+    lines = ["| case | impl | median ms | IQR ms | peak MiB | TFLOP/s | time / limit | % of limit "
+             "| speed-up vs naive |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     last = None
     for rec in (r for r in records if r["impl"] not in absent):

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import impls as registry  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
-from cases import DTYPES, MODES, PRESETS, Case, useful_flops  # noqa: E402
+from cases import PRESETS, Case, add_case_args, custom_cases, useful_flops  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GEMM_PROBE_MAX_M = {"cpu": 4096, "cuda": 16384}  # the probe GEMM is [M, Ds+Dt] @ [Ds+Dt, M], M = min(N, this)
@@ -39,15 +37,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=[], help="named shape sets")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--gpu", action="store_true", help="same as --preset gpu --device cuda --time-budget 330")
-    p.add_argument("--n", type=int, nargs="+", help="custom case: token counts N")
-    p.add_argument("--d", type=int, default=256, help="custom case: feature dim (student and teacher)")
-    p.add_argument("--ds", type=int, help="custom case: student dim (default --d)")
-    p.add_argument("--dt", type=int, help="custom case: teacher dim (default --d)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--frames", type=int, default=1, help="custom case: frames per sample (must divide N)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"])
-    p.add_argument("--mode", nargs="+", choices=MODES, default=["fwd+bwd"])
-    p.add_argument("--relation", nargs="+", choices=("full", "spatial", "temporal"), default=["full"])
+    add_case_args(p)
     p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(registry.REGISTRY)} "
                                               "(default: all but the opt-in triton-acqrel)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -77,14 +67,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def select_cases(args: argparse.Namespace) -> List[Case]:
-    cases = [case for name in args.preset for case in PRESETS[name](args.device)]
-    for n in args.n or []:
-        if n % args.frames:
-            raise ValueError(f"--frames {args.frames} must divide every --n, got N={n}")
-        base = Case(batch=args.batch, frames=args.frames, tokens_per_frame=n // args.frames,
-                    ds=args.ds or args.d, dt=args.dt or args.d, label="custom")
-        cases += [replace(base, dtype=d, mode=m, relation=r)
-                  for d in args.dtype for m in args.mode for r in args.relation]
+    cases = [case for name in args.preset for case in PRESETS[name](args.device)] + custom_cases(args)
     if not cases:
         raise ValueError(f"the chosen presets {args.preset} hold no case for device {args.device}")
     return list(dict.fromkeys(cases))  # drop duplicates, keep order

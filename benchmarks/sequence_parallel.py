@@ -19,7 +19,6 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import impls as registry  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
-from cases import DTYPES, MODES, Case  # noqa: E402
+from cases import Case, add_case_args, custom_cases  # noqa: E402
 
 from vrepa_kernels import trd_loss  # noqa: E402
 from vrepa_kernels.backends.torch_blockwise import strip_rows  # noqa: E402
@@ -47,15 +46,7 @@ WARMUP_STEPS = 2
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, nargs="+", required=True, help="processes (ranks) to simulate")
-    p.add_argument("--n", type=int, nargs="+", required=True, help="token counts N (whole sequence)")
-    p.add_argument("--d", type=int, default=256, help="feature dim (student and teacher)")
-    p.add_argument("--ds", type=int, help="student dim (default --d)")
-    p.add_argument("--dt", type=int, help="teacher dim (default --d)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--frames", type=int, default=1, help="frames per sample (must divide N)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"])
-    p.add_argument("--mode", nargs="+", choices=MODES, default=["fwd+bwd"])
-    p.add_argument("--relation", nargs="+", choices=("full", "spatial", "temporal"), default=["full"])
+    add_case_args(p)
     p.add_argument("--shards", default="even", help="'even', 'uneven' (rank r gets a share ∝ W + r) or sizes, "
                                                     "e.g. 25,39 (one world size and one N only)")
     p.add_argument("--threads-per-rank", type=int, help="torch threads per process (default: cores // max W)")
@@ -208,15 +199,11 @@ def markdown(records: List[Dict], command: str) -> str:
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not args.n:
+        raise SystemExit("sequence_parallel: --n is required")
     try:
-        groups = []
-        for n in args.n:
-            if n % args.frames:
-                raise ValueError(f"--frames {args.frames} must divide every --n, got N={n}")
-            base = Case(batch=args.batch, frames=args.frames, tokens_per_frame=n // args.frames,
-                        ds=args.ds or args.d, dt=args.dt or args.d, label="sequence-parallel")
-            groups += [(replace(base, dtype=d, mode=m, relation=r), shard_sizes(n, w, args.shards))
-                       for d in args.dtype for m in args.mode for r in args.relation for w in args.world_size]
+        groups = [(case, shard_sizes(case.n, w, args.shards))
+                  for case in custom_cases(args, "sequence-parallel") for w in args.world_size]
     except ValueError as err:
         raise SystemExit(f"sequence_parallel: {err}") from None
     env = measure.environment(torch.device("cpu"))

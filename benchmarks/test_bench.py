@@ -128,13 +128,13 @@ def test_gpu_target_checks_name_the_issue_goals_and_oom():
                dict(big, impl="naive", status="oom"),
                dict(big, impl="triton-minimal", status="ok", time_ms_median=45.0)]
     lines = report.targets(records)
-    assert lines[0] == ("bf16 N=17550 D=768 fwd+bwd, triton (two-pass): vs naive 3.00× (target ≥ 3.5×: MISSED by 14%); "
-                        "of limit 70.00% (target ≥ 75%: MISSED by 7%); peak memory beyond the gradient 80.00 MiB "
-                        "(target ≤ 100.717 MiB: met)")
-    assert lines[1] == ("bf16 N=17550 D=768 fwd+bwd, cuda (two-pass): vs naive 1.88× (target ≥ 2.5×: MISSED by 25%); "
-                        "time / triton 1.60× (target ≤ 1.5×: MISSED by 7%)")
-    assert lines[2] == ("N=75600 fwd+bwd, best fused (triton-minimal): time 45.00 ms (target ≤ 40 ms: MISSED by 12%); "
-                        "naive: oom")
+    assert lines[0] == ("bf16 N=17550 D=768 fwd+bwd, triton (two-pass): vs naive 3.00× (target ≥ 3.5×: MISSED by "
+                        "14%); of limit 70.00% (target ≥ 75%: MISSED by 7%); peak memory beyond the gradient "
+                        "80.00 MiB (target ≤ 100.717 MiB: met)")
+    assert lines[1] == ("bf16 N=17550 D=768 fwd+bwd, cuda (two-pass): vs naive 1.88× (target ≥ 2.5×: MISSED by "
+                        "25%); time / triton 1.60× (target ≤ 1.5×: MISSED by 7%)")
+    assert lines[2] == ("N=75600 fwd+bwd, best fused (triton-minimal): time 45.00 ms (target ≤ 40 ms: MISSED by "
+                        "12%); naive: oom")
 
 
 def test_gpu_preset_times_the_issue_shapes_and_acqrel_once():
