@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -26,10 +27,15 @@ def _env():
     return env
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_cogvideox_videorepa", SCRIPT)
+def _load_script(name="train_cogvideox_videorepa"):
+    """The training script, or one of the modules beside it (tiny, data, attention)."""
+    spec = importlib.util.spec_from_file_location(f"cogvideox_example_{name}", SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 
@@ -57,7 +63,10 @@ def test_tiny_full_finetuning_two_steps(tmp_path):
     out_dir = tmp_path / "run"
     _run([sys.executable, str(SCRIPT), "--tiny", "--max_train_steps", "2", "--output_dir", str(out_dir),
           "--lr_warmup_steps", "0", "--learning_rate", "1e-3"])
-    _metrics(out_dir, 2)
+    rows = _metrics(out_dir, 2)
+    # warmup_decay with --lr_warmup_steps 0 (DeepSpeed warms up over at least 2 steps): the first update runs at
+    # lr 0, the second at log(2)/log(2) = 1 x lr; after the last step the lr is 0.
+    assert [r["lr"] for r in rows] == [pytest.approx(1e-3), 0.0]
     ckpt = out_dir / "checkpoint-2"
     saved = torch.load(ckpt / "videorepa_helper.pt", weights_only=True)
     assert saved["config"]["align_layer"] == 1
@@ -74,10 +83,16 @@ def test_tiny_lora_bf16_with_teacher_cache(tmp_path):
     out_dir, cache = tmp_path / "run", tmp_path / "cache"
     _run([sys.executable, str(SCRIPT), "--tiny", "--max_train_steps", "2", "--output_dir", str(out_dir),
           "--use_lora", "--rank", "4", "--lora_alpha", "4", "--mixed_precision", "bf16",
-          "--trd_relation", "temporal", "--teacher_cache_dir", str(cache), "--no-gradient_checkpointing"])
-    _metrics(out_dir, 2)
+          "--trd_relation", "temporal", "--teacher_cache_dir", str(cache), "--no-gradient_checkpointing",
+          # the example's earlier behaviour, each still reachable by a flag
+          "--teacher_dtype", "bf16", "--frame_sampling", "linspace", "--resize", "bicubic_crop",
+          "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--adam_beta2", "0.95"])
+    rows = _metrics(out_dir, 2)
+    assert [r["lr"] for r in rows] == [pytest.approx(1e-4 * 1 / 4), pytest.approx(1e-4 * 2 / 4)]  # after steps 1, 2
     assert (out_dir / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
-    assert len(list(cache.rglob("*.pt"))) == 4  # 2 steps x batch 2, one file per clip
+    files = list(cache.rglob("*.pt"))
+    assert len(files) == 4  # 2 steps x batch 2, one file per clip
+    assert torch.load(files[0], weights_only=True)["tokens"].dtype == torch.bfloat16  # --teacher_dtype bf16
 
 
 def _free_port():
@@ -99,15 +114,16 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert all(r["distributed_type"].endswith("MULTI_CPU") for r in ranks)
     # Each rank saw other clips; equal weights after 2 steps mean the gradients were all-reduced.
     assert ranks[0]["trainable_checksum"] == ranks[1]["trainable_checksum"]
+    assert ranks[0]["helper_checksum"] == ranks[1]["helper_checksum"]  # the helper synced its own gradients
 
 
 def test_dispatch_attention_processor_matches_diffusers_processor():
     import diffusers
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    script = _load_script()
+    script, tiny, attention = _load_script(), _load_script("tiny"), _load_script("attention")
     torch.manual_seed(0)
-    config = dict(script.TINY_TRANSFORMER, attention_head_dim=16)  # 3-D RoPE splits the head dim 4:6:6
+    config = dict(tiny.TINY_TRANSFORMER, attention_head_dim=16)  # 3-D RoPE splits the head dim 4:6:6
     transformer = diffusers.CogVideoXTransformer3DModel(
         **config, sample_height=12, sample_width=18, sample_frames=9, use_rotary_positional_embeddings=True)
     latents = torch.randn(2, 3, 4, 12, 18)
@@ -117,7 +133,7 @@ def test_dispatch_attention_processor_matches_diffusers_processor():
                   image_rotary_emb=rope, return_dict=False)
     with torch.no_grad():
         expected = transformer(**kwargs)[0]
-        transformer.set_attn_processor(script.DispatchCogVideoXAttnProcessor(AttentionBackendName.NATIVE))
+        transformer.set_attn_processor(attention.DispatchCogVideoXAttnProcessor(AttentionBackendName.NATIVE))
         got = transformer(**kwargs)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -125,17 +141,17 @@ def test_dispatch_attention_processor_matches_diffusers_processor():
 def test_attention_backend_errors():
     import diffusers
 
-    script = _load_script()
-    transformer = diffusers.CogVideoXTransformer3DModel(**script.TINY_TRANSFORMER)
+    tiny, attention = _load_script("tiny"), _load_script("attention")
+    transformer = diffusers.CogVideoXTransformer3DModel(**tiny.TINY_TRANSFORMER)
     with pytest.raises(ValueError, match="not one of diffusers' backends"):
-        script.configure_attention(transformer, "no-such-backend")
+        attention.configure_attention(transformer, "no-such-backend")
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ImportError, match=r"vrepa-kernels\[flash\]"):
-            script.configure_attention(transformer, "flash")
+            attention.configure_attention(transformer, "flash")
 
 
 def test_rendered_balls_fall_and_stay_in_range():
-    script = _load_script()
+    script = _load_script("tiny")
     clip, prompt = script.render_bouncing_balls(num_frames=6, height=48, width=72, seed=3)
     assert clip.shape == (6, 3, 48, 72) and clip.min() >= -1 and clip.max() <= 1
     assert "bouncing" in prompt
@@ -158,6 +174,58 @@ def test_arguments_need_local_paths_without_tiny():
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--teacher_ckpt", "t", "--data_root", "d"])
     assert (args.align_layer, args.projector_dim, args.trd_weight, args.trd_margin) == (18, 2048, 0.5, 0.1)
     assert (args.height, args.width, args.num_frames, args.mixed_precision) == (480, 720, 49, "bf16")
+    # VideoREPA's recipe (finetune/configs/zero2.yaml, datasets/utils.py, datasets/data_transform.py, lora_trainer.py)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.adam_weight_decay) == (0.9, 0.999, 1e-8, 1e-4)
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.lr_warmup_type) == ("warmup_decay", 100, "log")
+    assert (args.frame_sampling, args.resize, args.teacher_dtype, args.max_grad_norm) == (
+        "stride", "crop_bilinear", "fp32", 1.0)
+
+
+def test_warmup_decay_is_deepspeeds_warmup_decay_lr():
+    script = _load_script()
+    total, warmup = 1000, 100
+    factor = script.warmup_decay_lambda(warmup, total)
+    # DeepSpeed's WarmupDecayLR gamma, written out: log warm-up, then linear decay to 0 at total_num_steps.
+    assert factor(0) == 0.0 and factor(9) == pytest.approx(math.log(10) / math.log(100))
+    assert factor(99) == pytest.approx(1.0) and factor(100) == 1.0
+    assert factor(550) == pytest.approx(0.5) and factor(total - 1) == pytest.approx(1 / 900)
+    assert factor(total) == 0.0 and factor(total + 5) == 0.0
+    assert all(factor(k) >= factor(k + 1) for k in range(100, total))
+    assert script.warmup_decay_lambda(warmup, total, "linear")(25) == 0.25
+
+
+def test_frame_sampling_of_videorepa():
+    data = _load_script("data")
+    # every (n // num_frames)-th frame from frame 0 (finetune/datasets/utils.py)
+    assert data.frame_indices(100, 49) == list(range(0, 98, 2))
+    assert data.frame_indices(150, 49) == list(range(0, 147, 3))
+    assert data.frame_indices(30, 49) == list(range(30)) + [29] * 19  # short clip: repeat the last frame
+    assert data.frame_indices(100, 49, "linspace")[::48] == [0, 99]  # the earlier behaviour
+    with pytest.raises(ValueError, match="needs at least num_frames=49"):
+        data.frame_indices(30, 49, "linspace")
+    with pytest.raises(ValueError, match="frame_sampling must be one of"):
+        data.frame_indices(30, 49, "random")
+
+
+def test_aspect_crop_then_antialiased_bilinear_resize(tmp_path):
+    data = _load_script("data")
+    frames = torch.randint(0, 256, (2, 3, 72, 128), generator=torch.Generator().manual_seed(0)).float()
+    crop = data.crop_to_aspect(frames, 48, 72)  # 72x128 (16:9) to 2:3: keep the height, 108 columns from 10
+    assert crop.shape[-2:] == (72, 108) and torch.equal(crop, frames[..., :, 10:118])
+    assert data.crop_to_aspect(frames, 36, 128).shape[-2:] == (36, 128)  # wider target: keep the width
+    # VideoREPA resizes 0..255 frames and maps to [-1, 1] after; the resize is linear, so the order is immaterial.
+    theirs = F.interpolate(crop, size=(48, 72), mode="bilinear", align_corners=True, antialias=True) / 127.5 - 1
+    ours = data.resize_clip(frames / 127.5 - 1, 48, 72)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert ours.min() >= -1 and ours.max() <= 1
+    old = data.resize_clip(frames / 127.5 - 1, 48, 72, "bicubic_crop")
+    assert old.shape == ours.shape and not torch.allclose(old, ours)
+    # a short uint8 clip on disk: padded by its last frame
+    clip = torch.randint(0, 256, (5, 72, 128, 3), dtype=torch.uint8)
+    torch.save(clip, tmp_path / "short.pt")
+    loaded = data.load_clip(tmp_path / "short.pt", 9, 48, 72)
+    assert loaded.shape == (9, 3, 48, 72) and loaded.dtype == torch.float32
+    assert all(torch.equal(loaded[i], loaded[4]) for i in range(5, 9)) and not torch.equal(loaded[3], loaded[4])
 
 
 def test_train_step_benchmark_runs_on_the_tiny_model(tmp_path):
