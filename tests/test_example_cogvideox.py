@@ -238,3 +238,13 @@ def test_train_step_benchmark_runs_on_the_tiny_model(tmp_path):
         assert row["step_s"] > 0 and row["grid"] == [4, 2, 3]
         assert ("trd_share" in row) == (variant != "none")
     assert (tmp_path / "train_step_tiny.json").is_file() and (tmp_path / "train_step_tiny.md").is_file()
+
+
+def test_teacher_precision_measurement_on_the_tiny_teacher():
+    precision = _load_script("teacher_precision")
+    tiny = _load_script("tiny")
+    result = precision.measure("tiny", tiny.TINY_TEACHER, 8, (32, 48))
+    bf16, stored = result["bf16_teacher"], result["bf16_stored_tokens"]
+    assert result["tokens"] == [4, 2, 3]
+    assert 0 < stored["relative_error"] < bf16["relative_error"] < 0.05  # bf16 changes the tokens, a little
+    assert 0 < bf16["gram_max_abs_diff"] < 0.1  # below the TRD margin

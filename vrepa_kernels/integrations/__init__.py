@@ -29,6 +29,7 @@ def require(module: str, what: str):
 
 _LAZY = {
     "VideoREPA": "diffusers",
+    "TeacherInput": "diffusers",
     "aligned_grid": "diffusers",
     "student_token_grid": "diffusers",
     "load_videomae_teacher": "videomae",
