@@ -159,6 +159,17 @@ def worker(out_dir: Path) -> None:
     loss.backward()
     opt.step()
     result["control"] = _digest(control)
+    # A helper the caller wrapped in DDP (e.g. passed to accelerator.prepare) does not wrap itself a second time.
+    if world > 1:
+        transformer = _tiny_transformer(6)
+        wrapped_helper = VideoREPA(transformer, teacher_dim=32, align_layer=2, projector_dim=16)
+        ddp = torch.nn.parallel.DistributedDataParallel(wrapped_helper)
+        latents = torch.randn(2, 3, 4, 12, 18)
+        with wrapped_helper.capture():
+            transformer(hidden_states=latents, encoder_hidden_states=torch.randn(2, 8, 8),
+                        timestep=torch.tensor([1, 2]))
+            ddp(torch.randn(2, 4, 2, 3, 32), latents.shape).backward()
+        result["outer_ddp_only"] = wrapped_helper._ddp is None
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -197,6 +208,41 @@ def test_readme_snippet_parses_into_setup_loop_and_tail():
     assert tail.startswith("accelerator.save_state(")
 
 
+def test_readme_precomputed_latents_recipe(tmp_path):
+    """The README's TeacherTokenCache recipe, run as written on a tiny teacher."""
+    from vrepa_kernels.integrations.diffusers import VideoREPA
+    from vrepa_kernels.integrations.videomae import (
+        encode_teacher,
+        load_videomae_teacher,
+        prepare_teacher_pixels,
+        random_videomae_v2_checkpoint,
+    )
+
+    pytest.importorskip("diffusers")
+    section = (REPO / "README.md").read_text().split("### In another trainer", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    code = textwrap.dedent(blocks[1])
+    path = tmp_path / "tiny.pth"
+    torch.save(random_videomae_v2_checkpoint(TINY_TEACHER, seed=3, source_num_frames=4, source_image_size=32), path)
+    for old, new in {'"vit_b_k710_dl_from_giant.pth"': repr(str(path)),
+                     '"teacher_tokens"': repr(str(tmp_path / "teacher_tokens"))}.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    helper = VideoREPA(_tiny_transformer(0), teacher_dim=32, align_layer=2, projector_dim=16)
+    need = helper.teacher_input((1, 3, 4, 12, 18))
+    teacher = load_videomae_teacher(path, num_frames=need.num_frames, image_size=need.image_size)
+    frames = torch.rand(1, 9, 3, 24, 36) * 2 - 1
+    ns = {"torch": torch, "need": need, "teacher": teacher, "frames": frames, "key": "clip-0",
+          "batch_keys": ["clip-0", "clip-0"], "accelerator": type("A", (), {"device": torch.device("cpu")})(),
+          "encode_teacher": encode_teacher, "prepare_teacher_pixels": prepare_teacher_pixels}
+    exec(code, ns)  # noqa: S102
+    expected = encode_teacher(teacher, prepare_teacher_pixels(frames, need.image_size))
+    assert ns["tokens"].shape == (2, *need.grid, 32) and ns["tokens"].dtype == torch.float32
+    torch.testing.assert_close(ns["tokens"][1], expected[0])
+    assert len(list((tmp_path / "teacher_tokens").rglob("*.pt"))) == 1
+
+
 def test_readme_snippet_one_process(tmp_path):
     (result,) = _launch(tmp_path, 1)
     assert result["world"] == 1 and not result["helper_ddp"]
@@ -218,6 +264,7 @@ def test_readme_snippet_two_processes_gloo(tmp_path):
         assert r["resumed"] == pytest.approx(r["next"], rel=1e-6)
     assert ranks[0]["next"] != ranks[1]["next"]  # each rank's own batch
     assert ranks[0]["control"] != ranks[1]["control"]  # without the helper's sync they drift apart
+    assert all(r["outer_ddp_only"] for r in ranks)
 
 
 if __name__ == "__main__":

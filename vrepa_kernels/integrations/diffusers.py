@@ -436,6 +436,9 @@ class VideoREPA(nn.Module):
         group = self._process_group
         if dist.get_world_size(group) <= 1:
             return self.align
+        outer = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if outer is not None and outer.module is self:  # the caller wrapped the helper in DDP: it syncs already
+            return self.align
         if self._ddp is None:
             device = self.projector[0].weight.device
             self.__dict__["_ddp"] = nn.parallel.DistributedDataParallel(
