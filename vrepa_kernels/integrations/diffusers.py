@@ -441,8 +441,12 @@ class VideoREPA(nn.Module):
             return self.align
         if self._ddp is None:
             device = self.projector[0].weight.device
+            if device.type == "cuda":
+                device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+            else:
+                device_ids = None
             self.__dict__["_ddp"] = nn.parallel.DistributedDataParallel(
-                _AlignmentHead(self), device_ids=[device.index] if device.type == "cuda" else None,
+                _AlignmentHead(self), device_ids=device_ids,
                 process_group=group, broadcast_buffers=False)
         return self._ddp
 
