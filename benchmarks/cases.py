@@ -143,10 +143,10 @@ def _cpu(device: str) -> List[Case]:
 
 
 def _gpu(device: str) -> List[Case]:
-    """bf16 fwd+bwd at N = 3,600 (B = 2), 17,550, 32,400 and 75,600; the acq_rel variant at 17,550 only."""
-    cases = [replace(c, dtype="bf16") for c in (VIDEOREPA, COGVIDEOX_FULL, HD_720P_SHORT, HD_720P)]
-    cases[1] = replace(cases[1], extra_impls=("triton-acqrel",))
-    return cases
+    """bf16 fwd+bwd at N = 17,550 (with the acq_rel variant; first, so that a short time budget still
+    measures the issues' target shape), 3,600 (B = 2), 32,400 and 75,600."""
+    cases = [replace(COGVIDEOX_FULL, extra_impls=("triton-acqrel",))] + [VIDEOREPA, HD_720P_SHORT, HD_720P]
+    return [replace(c, dtype="bf16") for c in cases]
 
 
 def _gpu_extra(device: str) -> List[Case]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def run_case(case: Case, impls: List[registry.Impl], device: torch.device, args:
         steps.pop(name)
 
     best = None
-    for attempt in range(1 + (args.retries if device.type == "cpu" else 0)):
+    for _ in range(1 + (args.retries if device.type == "cpu" else 0)):
         run = lambda: measure.time_round_robin(dict(steps), device, args.min_reps, args.max_reps, args.min_time,
                                                args.max_time, on_error)
         samples, load = measure.foreign_cpu_cores(run) if device.type == "cpu" else (run(), None)
@@ -166,6 +167,11 @@ def case_records(case: Case, outcome: Dict[str, Dict], device: torch.device, def
 
 
 # ---------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------- main
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--world-size" or a.startswith("--world-size=") for a in argv):
@@ -185,18 +191,24 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     # Cases that share a torch.compile group run back to back (the compiled peer recompiles per group).
     order = sorted(range(len(plan)), key=lambda i: (plan[i][0].dtype, plan[i][0].relation, plan[i][0].mode))
     by_case: Dict[int, List[Dict]] = {}
-    t_start = time.perf_counter()
+    t_start, stop = time.perf_counter(), None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: report the cases done so far
     for done, i in enumerate(order):
         case, impls = plan[i]
         if not args.no_progress:
             print(f"[bench] {done + 1}/{len(order)} {case.describe()}", file=sys.stderr, flush=True)
-        if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
-            why = dict(status="skipped", reason=f"time budget of {args.time_budget:.0f} s spent")
-            outcome, default = {impl.name: dict(why) for impl in impls}, ""
-        else:
-            outcome, default = run_case(case, impls, device, args)
+        if stop is None and args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+            stop = f"time budget of {args.time_budget:.0f} s spent"
+        outcome, default = {impl.name: dict(status="skipped", reason=stop) for impl in impls}, ""
+        if stop is None:
+            try:
+                outcome, default = run_case(case, impls, device, args)
+            except KeyboardInterrupt:
+                stop = "interrupted (SIGTERM or Ctrl-C)"
+                outcome = {impl.name: dict(status="skipped", reason=stop) for impl in impls}
             measure.release_memory(device)
         by_case[i] = case_records(case, outcome, device, default, env)
+    signal.signal(signal.SIGTERM, previous)
     records = [rec for i in range(len(plan)) for rec in by_case[i]]
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv)
     md = report.markdown(records, f"TRD loss benchmark: {env['device_name']}", command)

@@ -108,6 +108,22 @@ def test_cli_records_out_of_memory_instead_of_crashing(tmp_path, monkeypatch):
     assert all("speedup_vs_naive" not in r for r in records if r["impl"] == "torch")
 
 
+def test_cli_reports_the_cases_done_when_interrupted(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted_at_second_case(case, device):
+        calls.append(case.n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGTERM (e.g. from `timeout`) raises inside run.py
+        return registry.REGISTRY["torch"].build(case, device)
+
+    monkeypatch.setitem(registry.REGISTRY, "naive", registry.Impl("naive", "stops", interrupted_at_second_case))
+    records = _cli(tmp_path, "--impls", "naive", "--no-plots", ns=["64", "128", "256"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["N"], r["status"]) for r in saved] == [(64, "ok"), (64, "ok"), (128, "skipped"), (256, "skipped")]
+    assert saved[2]["reason"] == saved[3]["reason"] == "interrupted (SIGTERM or Ctrl-C)" and len(records) == 4
+
+
 def test_target_check_reports_misses_with_their_size():
     base = dict(device="cpu", dtype="fp32", B=1, N=4096, Ds=256, Dt=256, mode="fwd+bwd", relation="full",
                 F=16, status="ok")
@@ -140,7 +156,7 @@ def test_gpu_target_checks_name_the_issue_goals_and_oom():
 def test_gpu_preset_times_the_issue_shapes_and_acqrel_once():
     cases = PRESETS["gpu"]("cuda")
     assert [(c.batch, c.n, c.ds, c.dt, c.dtype, c.mode) for c in cases] == [
-        (2, 3600, 768, 768, "bf16", "fwd+bwd"), (1, 17550, 768, 768, "bf16", "fwd+bwd"),
+        (1, 17550, 768, 768, "bf16", "fwd+bwd"), (2, 3600, 768, 768, "bf16", "fwd+bwd"),
         (1, 32400, 768, 768, "bf16", "fwd+bwd"), (1, 75600, 768, 768, "bf16", "fwd+bwd")]
     timed = {c.n: [impl.name for impl in registry.select(None, c.extra_impls)] for c in cases}
     assert [n for n, names in timed.items() if "triton-acqrel" in names] == [17550]
