@@ -102,3 +102,45 @@ def test_without_triton_auto_still_works_and_triton_says_why(monkeypatch):
     assert torch.isfinite(trd_loss(s, t))
     with pytest.raises(RuntimeError, match="triton is not installed"):
         trd_loss(s, t, backend="triton")
+
+
+@pytest.mark.parametrize("bad", ["fused", "", None, "TWO_PASS"])
+def test_unknown_algorithm_raises_naming_it(bad):
+    s, t = make_pair((1, 8, 4), 4)
+    with pytest.raises(ValueError, match=f"algorithm must be one of .*got {bad!r}"):
+        trd_loss(s, t, algorithm=bad)
+    with pytest.raises(ValueError, match="algorithm"):
+        TRDLoss(algorithm=bad)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "two_pass", "memory_minimal"])
+def test_algorithm_reaches_the_backend(monkeypatch, algorithm):
+    from dataclasses import replace
+
+    from vrepa_kernels import backends
+
+    seen = []
+    real = backends.REGISTRY["torch"]
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("algorithm"))
+        return real.pair_sums(*args, **kwargs)
+
+    monkeypatch.setitem(backends.REGISTRY, "torch", replace(real, kernel=spy))
+    s, t = make_pair((1, 12, 4), 4)
+    module = TRDLoss(backend="torch", algorithm=algorithm)
+    assert f"algorithm={algorithm!r}" in repr(module)
+    module(s, t).backward()
+    trd_loss(s, t, backend="torch", algorithm=algorithm)
+    assert seen == [algorithm, algorithm]
+
+
+def test_float64_on_a_low_precision_backend_points_to_torch(monkeypatch):
+    from dataclasses import replace
+
+    from vrepa_kernels import backends
+
+    available = replace(backends.REGISTRY["triton"], unavailable=lambda device: None)
+    monkeypatch.setitem(backends.REGISTRY, "triton", available)
+    with pytest.raises(TypeError, match="backend='triton' takes .* got torch.float64; use backend='torch' for float64"):
+        resolve_backend("triton", torch.device("cpu"), torch.float64)

@@ -128,3 +128,19 @@ def test_gradcheck_float64_torch_backend():
         fn = lambda a, b: trd_loss(a, b, margin=0.05, relation=relation, num_frames=frames and 3,
                                    reduction="none", backend="torch")
         assert torch.autograd.gradcheck(fn, (s.detach().requires_grad_(), t.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_registry_matches_each_backends_pair_sums(name):
+    import inspect
+
+    from vrepa_kernels import backends
+
+    backend = backends.get(name)
+    params = inspect.signature(backend.pair_sums).parameters
+    assert list(params)[:6] == ["student", "teacher", "spec", "need_s", "need_t", "deterministic"]
+    assert params["algorithm"].default == "auto"
+    assert "part" in params or not backend.splits_across_ranks
+    assert backend.second_order
+    with pytest.raises(ValueError, match="no blockwise backend 'nope'"):
+        backends.get("nope")

@@ -43,6 +43,13 @@ def _worker(rank, world, init_file, backends, queue):
                 # numpy pickles by value: the worker may exit before the parent reads
                 results.append((backend, relation, frames, reduction,
                                 *[x.detach().numpy() for x in (loss, s.grad, t.grad)]))
+        s = student[:, lo:hi].clone().requires_grad_(True)
+        loss = trd_loss(s, teacher[:, lo:hi], process_group=dist.group.WORLD)
+        try:  # raised by the backward on each rank alone: no collective, no hang
+            torch.autograd.grad(loss, s, create_graph=True)
+            results.append(("second_order", None))
+        except RuntimeError as exc:
+            results.append(("second_order", str(exc)))
         try:
             trd_loss(student[:, lo:hi], teacher[:, lo:hi], relation="spatial", num_frames=7,
                      process_group=dist.group.WORLD)
@@ -81,7 +88,7 @@ def test_sequence_parallel_matches_one_process(world):
 
     sizes = SLICES[world]
     student, teacher = _inputs(sum(sizes))
-    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-2]):
+    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-3]):
         dtype = torch.float32 if backend == "triton" else torch.float64
         s = student.to(dtype).clone().requires_grad_(True)
         t = teacher.to(dtype).clone().requires_grad_(True)
@@ -95,6 +102,9 @@ def test_sequence_parallel_matches_one_process(world):
             torch.testing.assert_close(g_s, s.grad[:, lo:hi], **tol)
             torch.testing.assert_close(g_t, t.grad[:, lo:hi], **tol)
     for rank in range(world):
+        message = outputs[rank][-3][1]
+        assert message is not None and "process_group" in message and "trd_loss" in message
+        assert "without process_group" in message
         assert outputs[rank][-2][1] is not None and "num_frames=7" in outputs[rank][-2][1]
         assert outputs[rank][-1][1] is not None
         assert ("teacher holds NaN" if rank == world - 1 else "rejected their shards") in outputs[rank][-1][1]

@@ -249,7 +249,6 @@ class TRDLossFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         student, teacher, call = inputs
         ctx.call = call
-        ctx.dtypes = (student.dtype, teacher.dtype)
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.save_for_backward(student, teacher, output[1], output[2])
         ctx.save_for_forward(student, teacher, output[1], output[2])
@@ -268,8 +267,16 @@ class TRDLossFunction(torch.autograd.Function):
             grads = _differentiable_gradients(student, teacher, call, grad_loss, needs)
             return grads[0], grads[1], None
         grads = []
-        for need, g, dtype in zip(needs, (g_s, g_t), ctx.dtypes):
-            grads.append((g * _upstream(grad_loss, g.dtype)).to(dtype) if need else None)
+        for need, g, x in zip(needs, (g_s, g_t), (student, teacher)):
+            if not need:
+                grads.append(None)
+                continue
+            grad = g * _upstream(grad_loss, g.dtype)
+            if torch.compiler.is_compiling():
+                # Read the input (+ 0 x), so that the compiled backward keeps it and AOTAutograd raises its
+                # "does not support double backward" error instead of returning a gradient with no graph.
+                grad = torch.add(grad, x, alpha=0)
+            grads.append(grad.to(x.dtype))
         return grads[0], grads[1], None
 
 
