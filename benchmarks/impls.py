@@ -99,13 +99,10 @@ def _library(backend: str, algorithm: Optional[str] = None):
 
 
 class _KernelLoss(torch.autograd.Function):
-    """The loss (reduction "mean") and student gradient from a ``pair_sums`` call, for a kernel config that
-    trd_loss does not expose; the normalisation and its backward are the library's."""
-
     @staticmethod
-    def forward(ctx, student, teacher, spec, run):
+    def forward(ctx, student, teacher, spec, pair_sums):
         feats_s = Features.of(student)
-        sums, g_hat, _ = run(feats_s, Features.of(teacher), spec)
+        sums, g_hat, _ = pair_sums(feats_s, Features.of(teacher), spec)
         scale = 1.0 / (spec.pairs_per_sample * spec.batch)
         ctx.grad = normalize_backward(g_hat * scale, feats_s.unit(), feats_s.norm).to(student.dtype)
         return sums.sum() * scale
@@ -113,6 +110,16 @@ class _KernelLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         return ctx.grad * grad_loss.to(ctx.grad.dtype), None, None, None
+
+
+def kernel_loss(case: Case, pair_sums) -> LossFn:
+    """The loss (reduction "mean", student gradient) from ``pair_sums(feats_s, feats_t, spec)``, for a kernel
+    setting that trd_loss does not expose; normalisation and its backward are the library's."""
+    def loss_fn(s, t):
+        s, t, spec = canonicalize(s, t, case.margin, case.relation, case.num_frames)
+        return _KernelLoss.apply(s, t.detach(), spec, pair_sums)
+
+    return loss_fn
 
 
 def _triton_acqrel(case: Case, device: torch.device) -> LossFn:
@@ -128,15 +135,8 @@ def _triton_acqrel(case: Case, device: torch.device) -> LossFn:
         raise Unavailable("triton_kernels.pair_sums takes no algorithm= keyword in this checkout")
     _check_backend("triton", case, device)
     config = {**tk.default_config(case.torch_dtype), "ATOMIC_SEM": "acq_rel"}
-
-    def run(feats_s, feats_t, spec):
-        return tk.pair_sums(feats_s, feats_t, spec, True, False, algorithm="memory_minimal", config=config)
-
-    def loss_fn(s, t):
-        s, t, spec = canonicalize(s, t, case.margin, case.relation, case.num_frames)
-        return _KernelLoss.apply(s, t.detach(), spec, run)
-
-    return loss_fn
+    return kernel_loss(case, lambda fs, ft, spec: tk.pair_sums(fs, ft, spec, True, False, algorithm="memory_minimal",
+                                                               config=config))
 
 
 REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in [

@@ -180,6 +180,22 @@ def test_kernel_columns_run_or_say_why_not(name):
     assert torch.allclose(loss.double(), exact, rtol=2e-2, atol=1e-6)
 
 
+@pytest.mark.parametrize("relation", ["full", "temporal"])
+def test_kernel_loss_wrapper_matches_the_reference(relation):
+    # triton-acqrel's wrapper around a bare pair_sums, checked here with the torch backend's.
+    from vrepa_kernels.backends.torch_blockwise import pair_sums
+
+    case = Case(batch=2, frames=3, tokens_per_frame=8, ds=24, dt=16, relation=relation)
+    student, teacher = registry.make_inputs(case, torch.device("cpu"))
+    loss_fn = registry.kernel_loss(case, lambda fs, ft, spec: pair_sums(fs, ft, spec, True, False))
+    loss = registry.make_step(loss_fn, student, teacher, case.mode)()
+    s64 = student.detach().double().requires_grad_(True)
+    exact = trd_loss_reference(s64, teacher.double(), case.margin, relation, case.num_frames)
+    exact.backward()
+    assert torch.allclose(loss.double(), exact.detach(), rtol=1e-5)
+    assert torch.allclose(student.grad.double(), s64.grad, rtol=1e-4, atol=1e-8)
+
+
 def test_sequence_parallel_simulation_agrees_with_one_process(tmp_path, capsys):
     # Uneven slices (19 + 29 tokens, frames of 12 straddle the ranks), Ds != Dt.
     records = run.main(["--world-size", "2", "--n", "48", "--ds", "24", "--dt", "16", "--frames", "4",
