@@ -24,9 +24,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) benchmarks/run.py --quick --out benchmarks/results/_scratch/demo
 
-# Nightly-style property run: thousands of random cases per backend.
+# Nightly-style property run: 5,000 random cases per backend (FUZZ_EXAMPLES=n for another count); the
+# statistics show how many ran per backend.
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --hypothesis-show-statistics tests/test_properties.py
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

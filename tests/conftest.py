@@ -14,6 +14,6 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # Property tests: CI runs "ci" (few, fixed cases); `make fuzz` runs "fuzz" (HYPOTHESIS_PROFILE=fuzz).
 settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=5000, deadline=None,
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 5000)), deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -11,8 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from utils import assert_matches_reference, cpu_backends
 from vrepa_kernels import trd_loss
+
+from utils import assert_matches_reference, cpu_backends, cuda_cpu_kernels, route_torch_backend
 
 # The training paths of the triton and cuda kernels (the torch backend ignores the argument).
 ALGORITHMS = (["auto", "two_pass", "memory_minimal"] if "algorithm" in inspect.signature(trd_loss).parameters
@@ -36,8 +37,16 @@ def trd_cases(draw, max_tokens):
 
 
 def run_case(backend, case):
-    if backend == "triton" and case["dtype"] == torch.float64:
+    if backend != "torch" and case["dtype"] == torch.float64:  # triton and the CUDA kernel take fp32 at most
         case = dict(case, dtype=torch.float32)
+    kernel = cuda_cpu_kernels().get(backend)
+    if kernel is not None:  # the CUDA kernel's CPU twin stands in for backend="torch"
+        with pytest.MonkeyPatch.context() as patch:
+            return run_case_on(route_torch_backend(patch, kernel), case)
+    return run_case_on(backend, case)
+
+
+def run_case_on(backend, case):
     gen = torch.Generator().manual_seed(case["seed"])
     width = 2 if case["strided"] else 1
     s = torch.randn(case["batch"], case["n"], case["ds"] * width, generator=gen, dtype=torch.float64)
@@ -49,12 +58,7 @@ def run_case(backend, case):
                              num_frames=case["frames"], reduction=case["reduction"], **extra)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_matches_reference_on_random_cases(backend):
-    max_tokens = 40 if backend == "triton" else 70
-
-    @given(trd_cases(max_tokens))
-    def check(case):
-        run_case(backend, case)
-
-    check()
+@pytest.mark.parametrize("backend", cpu_backends() + sorted(set(cuda_cpu_kernels()) & {"cuda-twin"}))
+@given(data=st.data())
+def test_matches_reference_on_random_cases(backend, data):
+    run_case(backend, data.draw(trd_cases(40 if backend == "triton" else 70), label="case"))

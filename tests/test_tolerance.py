@@ -2,25 +2,26 @@
 and nothing more (a margin off by 1%, a flipped sign); and every CPU backend passes it on inputs built to
 put relation gaps exactly on the margin.
 """
-import dataclasses
 import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vrepa_kernels import trd_loss
+from vrepa_kernels.relation import canonicalize, relation_mask
+
 from utils import (
     Allowance,
     assert_matches_reference,
     cpu_backends,
+    cuda_cpu_kernels,
     loss_and_grads,
     make_pair,
     reference_failures,
+    route_torch_backend,
     upstream_for,
 )
-from vrepa_kernels import backends, trd_loss
-from vrepa_kernels.backends import cuda as cuda_backend
-from vrepa_kernels.relation import canonicalize, relation_mask
 
 CASES = [dict(relation="full"), dict(relation="spatial", num_frames=2), dict(relation="temporal", num_frames=4)]
 
@@ -177,20 +178,8 @@ def cpu_kernels():
     kernels = [(name, name, None, {}) for name in cpu_backends()]
     if "triton" in cpu_backends():
         kernels += [(f"triton-{a}", "triton", None, {"algorithm": a}) for a in ("two_pass", "memory_minimal")]
-    if getattr(cuda_backend, "_cpu_ext", None) is not None:
-        kernels.append(("cuda-twin", "torch",
-                        lambda *args, **kw: cuda_backend.cpu_twin_pair_sums(*args, threads=2, **kw), {}))
-    if getattr(cuda_backend, "_emulator_ext", None) is not None:
-        kernels.append(("cuda-emulated", "torch", cuda_backend.emulated_pair_sums, {}))
+    kernels += [(name, "torch", kernel, {}) for name, kernel in cuda_cpu_kernels().items()]
     return kernels
-
-
-def route(monkeypatch, kernel):
-    """Route backend='torch' through ``kernel`` (the CUDA kernel's CPU twin or emulator)."""
-    if hasattr(backends, "REGISTRY"):
-        monkeypatch.setitem(backends.REGISTRY, "torch", dataclasses.replace(backends.REGISTRY["torch"], kernel=kernel))
-    else:
-        monkeypatch.setattr(backends, "pair_kernel", lambda name: kernel)
 
 
 @pytest.mark.parametrize("name, backend, kernel, options", cpu_kernels(), ids=[k[0] for k in cpu_kernels()])
@@ -198,7 +187,7 @@ def route(monkeypatch, kernel):
 @pytest.mark.parametrize("gap", ["zero", "common", "large"])
 def test_backends_pass_at_the_margin(monkeypatch, name, backend, kernel, options, dtype, gap):
     if kernel is not None:
-        route(monkeypatch, kernel)
+        route_torch_backend(monkeypatch, kernel)
     if "algorithm" in options and "algorithm" not in inspect.signature(trd_loss).parameters:
         pytest.skip("trd_loss has no algorithm argument yet")
     s, t = tie_inputs(dtype)

@@ -32,6 +32,7 @@ for ``2n`` to cover accumulators that truncate (tensor cores).
 * bf16/fp16 also keep flash-attention's rule: up to twice the error of the naive PyTorch run in the same
   precision, added to the above.
 """
+import dataclasses
 import math
 import os
 
@@ -55,6 +56,30 @@ def cpu_backends():
     if triton_kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
         names.append("triton")
     return names
+
+
+def route_torch_backend(monkeypatch, kernel):
+    """Route backend='torch' through ``kernel`` (a pair_sums, e.g. the CUDA kernel's CPU twin) for the test."""
+    from vrepa_kernels import backends
+
+    if hasattr(backends, "REGISTRY"):
+        monkeypatch.setitem(backends.REGISTRY, "torch", dataclasses.replace(backends.REGISTRY["torch"], kernel=kernel))
+    else:
+        monkeypatch.setattr(backends, "pair_kernel", lambda name: kernel)
+    return "torch"
+
+
+def cuda_cpu_kernels():
+    """The CUDA kernel's CPU stand-ins that are built here: name -> pair_sums (the twin walks the kernel's
+    schedule with its epilogue; the emulator runs the kernel's own code, slowly)."""
+    from vrepa_kernels.backends import cuda
+
+    kernels = {}
+    if getattr(cuda, "_cpu_ext", None) is not None:
+        kernels["cuda-twin"] = lambda *args, **kw: cuda.cpu_twin_pair_sums(*args, threads=2, **kw)
+    if getattr(cuda, "_emulator_ext", None) is not None:
+        kernels["cuda-emulated"] = cuda.emulated_pair_sums
+    return kernels
 
 
 def make_pair(shape_s, dt, dtype=torch.float32, device="cpu", seed=0, grad_teacher=False):
@@ -157,7 +182,7 @@ class Allowance:
         s, t, spec = canonicalize(student.detach().double(), teacher.detach().double(), margin, relation,
                                   num_frames, reduction)
         self.spec, self.dtype = spec, dtype
-        ds, dt, n = s.shape[-1], t.shape[-1], spec.num_tokens
+        ds, dt = s.shape[-1], t.shape[-1]
         self.u_in, self.u_acc = _roundoffs(dtype, tf32)
         self.eps = tie_band(dtype, ds, dt, spec.margin, tf32)
         self.units = [F.normalize(x, dim=-1) for x in (s, t)]
@@ -207,7 +232,7 @@ class Allowance:
         allowed = (base + ties) * (1 + self.u_in) + self.u_in * exact_grad.double().reshape(base.shape).abs()
         return allowed.reshape(exact_grad.shape)
 
-    def _tie_moves(self, unit, radial, gram, chunk=1 << 20):
+    def _tie_moves(self, unit, radial, gram, chunk=1 << 24):
         """``sum_j span_ij |s_j - s_i (s_i . s_j)|`` per token i and element, over the tie pairs only."""
         out = torch.zeros_like(unit)
         b, i, j = torch.nonzero(self.span, as_tuple=True)
