@@ -353,9 +353,9 @@ def default_config(dtype: torch.dtype, symmetric: bool = True) -> dict:
 
 def default_two_pass_config(dtype: torch.dtype, arch: int = 90) -> dict:
     """Untuned configs of the two passes for ``sm_<arch>``: 128 x 128 pair tiles (the map tile)."""
-    if dtype == torch.float32:
-        return dict(relation=dict(BLOCK_K=32, num_warps=8, num_stages=2),
-                    gradient=dict(BLOCK_N=32, BLOCK_D=64, num_warps=8, num_stages=2))
+    if dtype == torch.float32:  # FMA products: narrow K chunks and 16 warps keep a 128 x 128 tile unspilled
+        return dict(relation=dict(BLOCK_K=8, num_warps=16, num_stages=1),
+                    gradient=dict(BLOCK_N=16, BLOCK_D=64, num_warps=8 if arch >= 90 else 16, num_stages=2))
     # Three stages of two 128 x 64 bf16 operands fit Hopper's 227 KiB; Ampere's 163 KiB takes two.
     stages = 3 if arch >= 90 else 2
     return dict(relation=dict(BLOCK_K=64, num_warps=8, num_stages=stages),
