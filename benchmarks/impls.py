@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import shutil
@@ -85,7 +86,7 @@ def _check_backend(backend: str, case: Case, device: torch.device) -> None:
 
 
 def _library(backend: str, algorithm: Optional[str] = None):
-    """``trd_loss(backend=...)``, with ``algorithm=`` when given (else the library's own choice)."""
+    """``trd_loss(backend=..., algorithm=...)``; without ``algorithm`` the keyword is left out."""
     def build(case: Case, device: torch.device) -> LossFn:
         _check_backend(backend, case, device)
         kw = {}
@@ -145,12 +146,13 @@ REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in [
     Impl("compiled", "torch.compile(trd_loss_reference), default settings", _CompiledReference(),
          quadratic_memory=True),
     Impl("torch", 'trd_loss(backend="torch"): blockwise PyTorch strips', _library("torch")),
-    Impl("triton", 'trd_loss(backend="triton"): the default (two-pass) algorithm', _library("triton")),
+    Impl("triton", 'trd_loss(backend="triton", algorithm="two_pass"): sign map, no atomics',
+         _library("triton", "two_pass")),
     Impl("triton-minimal", 'trd_loss(backend="triton", algorithm="memory_minimal"): fused, no sign map',
          _library("triton", "memory_minimal")),
     Impl("triton-acqrel", "triton-minimal's kernel with acq_rel atomics (ATOMIC_SEM), via pair_sums",
          _triton_acqrel, default=False),
-    Impl("cuda", 'trd_loss(backend="cuda"): the default (two-pass) algorithm', _library("cuda")),
+    Impl("cuda", 'trd_loss(backend="cuda", algorithm="two_pass"): sign map, no atomics', _library("cuda", "two_pass")),
     Impl("cuda-minimal", 'trd_loss(backend="cuda", algorithm="memory_minimal"): fused, no sign map',
          _library("cuda", "memory_minimal")),
 ]}
@@ -164,10 +166,16 @@ def select(names: Optional[List[str]], extra: tuple = ()) -> List[Impl]:
     return [impl for name, impl in REGISTRY.items() if (name in names if names else impl.default or name in extra)]
 
 
-def default_backend(case: Case, student: torch.Tensor, teacher: torch.Tensor) -> str:
-    """The backend ``trd_loss(backend="auto")`` picks for these inputs."""
+def default_impl(case: Case, student: torch.Tensor, teacher: torch.Tensor) -> str:
+    """The column that ``trd_loss``'s defaults run for these inputs: the backend "auto" picks and, for a
+    training pass of a kernel backend, the path its algorithm "auto" picks ("-minimal" or not)."""
     _, _, spec = canonicalize(student, teacher, case.margin, case.relation, case.num_frames)
-    return resolve_backend("auto", student.device, student.dtype, spec)
+    backend = resolve_backend("auto", student.device, student.dtype, spec)
+    if backend not in ("triton", "cuda") or case.mode == "fwd":
+        return backend
+    module = importlib.import_module("vrepa_kernels.backends." + ("triton_kernels" if backend == "triton" else "cuda"))
+    extra = (student.dtype, student.device) if backend == "triton" else ()
+    return backend + ("-minimal" if module.choose_algorithm("auto", spec, None, *extra) == "memory_minimal" else "")
 
 
 def quadratic_footprint_bytes(case: Case) -> int:

@@ -98,7 +98,7 @@ def markdown(records: List[Dict], title: str, command: str) -> str:
         lines.append(f"- other processes' CPU use while cases were timed: median {load[len(load) // 2]:.2f}, max "
                      f"{load[-1]:.2f} of {os.cpu_count()} cores; cases above {CONTENDED_CORES} are marked ⚠")
     lines += ["- limit: time torch.mm on this device needs for the useful FLOPs, measured in the same rounds "
-              "(see benchmarks/README.md); `(auto)` marks the backend `trd_loss` picks by default", ""]
+              "(see benchmarks/README.md); `(auto)` marks what `trd_loss` runs by default", ""]
     found = targets(records)
     if found:
         lines += ["## Targets", ""] + [f"- {t}" for t in found] + [""]

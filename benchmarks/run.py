@@ -76,10 +76,10 @@ def select_cases(args: argparse.Namespace) -> List[Case]:
 
 # ---------------------------------------------------------------------------------------------- one case
 def run_case(case: Case, impls: List[registry.Impl], device: torch.device, args: argparse.Namespace):
-    """Measure the implementations and the GEMM limit on one case: ``({name: partial record}, the backend
-    trd_loss picks by default)``."""
+    """Measure the implementations and the GEMM limit on one case: ``({name: partial record}, the column
+    that trd_loss runs by default)``."""
     student, teacher = registry.make_inputs(case, device, args.seed)
-    default = registry.default_backend(case, student, teacher)
+    default = registry.default_impl(case, student, teacher)
     outcome: Dict[str, Dict] = {}
     steps = {}
     for impl in impls:
@@ -150,7 +150,7 @@ def case_records(case: Case, outcome: Dict[str, Dict], device: torch.device, def
     records = []
     for name, rec in outcome.items():
         rec = {**dict(impl=name, device=device.type, **case.as_record(), **env, is_default=name == default,
-                      default_backend=default, useful_gflop=flops / 1e9, grad_mb=grad_mb, reason="",
+                      default_impl=default, useful_gflop=flops / 1e9, grad_mb=grad_mb, reason="",
                       time_ms_median=None, peak_mem_mb=None), **rec}
         if rec["status"] == "ok":
             t = rec["time_ms_median"]

@@ -6,6 +6,7 @@ crashing on) shapes that do not fit.
 """
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_cli_writes_complete_records_table_and_plots(tmp_path, capsys):
     assert fast["time_ms_median"] > 0 and fast["peak_mem_mb"] is not None
     assert fast["speedup_vs_naive"] == pytest.approx(naive["time_ms_median"] / fast["time_ms_median"])
     assert fast["loss_rel_diff_vs_naive"] < 1e-4
-    assert fast["is_default"] == (fast["default_backend"] == "torch")
+    assert fast["is_default"] == (fast["default_impl"] == "torch")
     if DEVICE.type == "cpu":
         assert by["triton", 64, "full"]["status"] == "skipped" and by["triton", 64, "full"]["reason"]
     printed = capsys.readouterr().out
@@ -178,6 +179,15 @@ def test_kernel_columns_run_or_say_why_not(name):
     loss = registry.make_step(loss_fn, student, teacher, case.mode)()
     exact = trd_loss_reference(student.detach().double(), teacher.double(), case.margin)
     assert torch.allclose(loss.double(), exact, rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_default_column_follows_the_map_budget(backend, monkeypatch):
+    monkeypatch.setattr(registry, "resolve_backend", lambda *args: backend)
+    for n, column in ((1024, backend), (100_000, backend + "-minimal")):  # a 1.25 GB map exceeds 1 GiB
+        case = Case(batch=1, frames=1, tokens_per_frame=n, ds=1, dt=1, dtype="bf16")
+        assert registry.default_impl(case, *registry.make_inputs(case, torch.device("cpu"))) == column
+        assert registry.default_impl(replace(case, mode="fwd"), *registry.make_inputs(case, DEVICE)) == backend
 
 
 @pytest.mark.parametrize("relation", ["full", "temporal"])
