@@ -41,6 +41,7 @@ from vrepa_kernels.schedule import strips_for  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKEND = "torch"  # the only backend with a CPU speed path
 WARMUP_STEPS = 2
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -58,7 +59,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         p.error(f"unrecognised arguments for the --world-size simulation: {' '.join(unknown)}")
     if min(args.world_size) < 1:
         p.error(f"--world-size must be >= 1, got {args.world_size}")
-    args.threads_per_rank = args.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // max(args.world_size))
+    args.threads_per_rank = args.threads_per_rank or max(1, CORES // max(args.world_size))
     return args
 
 
@@ -171,7 +172,7 @@ def markdown(records: List[Dict], command: str) -> str:
     lines = [
         f"# Sequence-parallel TRD on CPU (gloo): {env['device_name'].rsplit(' (', 1)[0]}", "",
         f"- date: {env['timestamp']}; commit: `{env['git_commit']}`; torch {env['torch_version']}; "
-        f"{len(os.sched_getaffinity(0))} cores", f"- command: `{command}`",
+        f"{CORES} cores", f"- command: `{command}`",
         f"- backend `{BACKEND}`, {env['threads_per_rank']} torch thread(s) per process (ranks and the 1-process "
         f"time alike); median and IQR of steps after {WARMUP_STEPS} warm-up steps, each after a barrier",
         "- bytes per step, from vrepa_kernels.distributed's docstring: gathered W·B·max(N_r)·(Ds+Dt) elements, "
