@@ -530,3 +530,5 @@ def test_encode_teacher_checks_the_grid_before_the_teacher_runs(tmp_path):
     assert calls == []  # every error came before transformers ran
     tokens = encode_teacher(teacher, torch.zeros(1, 8, 3, 16, 24), expected_grid=ALIGNED)
     assert tokens.shape == (1, *ALIGNED, 32) and calls == [1]
+    helper = VideoREPA(tiny_transformer(), 32, align_layer=1, projector_dim=16)
+    assert helper.teacher_input(LATENT_SHAPE, teacher) == (8, (16, 24), ALIGNED)  # patch 8 read from the teacher
