@@ -395,6 +395,7 @@ def prepare_teacher_pixels(frames: torch.Tensor, size=(160, 240), *, drop_first_
             the VAE's input). Floating point in [-1, 1], or uint8 in 0..255, which is converted with
             ``x / 127.5 - 1`` (the convention of diffusers' video examples). Other integer dtypes raise
             ``TypeError``; float frames outside [-1, 1] by more than 0.05 (0..255 floats, say) raise ``ValueError``.
+            0..1 float frames lie inside [-1, 1] and cannot be told apart: map them with ``2 * x - 1`` first.
         size: output (height, width); VideoREPA uses 160x240 for 480x720 clips
             (:meth:`VideoREPA.teacher_input` gives it for any latent shape).
         dtype: output dtype; default the input's, or float32 for uint8 frames.
