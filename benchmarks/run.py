@@ -97,9 +97,12 @@ def run_case(case: Case, impls: List[registry.Impl], device: torch.device, args:
             outcome[impl.name] = failure(impl.name, err)
             measure.release_memory(device)
     m, k = min(case.n, GEMM_PROBE_MAX_M[device.type]), case.ds + case.dt
-    probe, probe_flops = measure.gemm_probe(m, k, case.torch_dtype, device)
-    steps["limit"] = probe
-    outcome["limit"] = dict(reason=f"torch.mm [{m}x{k}] @ [{k}x{m}]")
+    try:
+        probe, probe_flops = measure.gemm_probe(m, k, case.torch_dtype, device)
+        probe()  # warm-up
+        steps["limit"], outcome["limit"] = probe, dict(reason=f"torch.mm [{m}x{k}] @ [{k}x{m}]")
+    except Exception as err:  # noqa: BLE001 - e.g. OOM: the case is still timed, without a limit
+        outcome["limit"] = failure("limit", err)
 
     def on_error(name, err):
         outcome[name] = failure(name, err)
@@ -116,8 +119,8 @@ def run_case(case: Case, impls: List[registry.Impl], device: torch.device, args:
             break
     samples, load = best
     flops = useful_flops(case)
-    # The limit's samples are the probe's, scaled from the probe's FLOPs to the case's.
-    samples["limit"] = [t * flops / probe_flops for t in samples.get("limit", [])]
+    if samples.get("limit"):  # the probe's times, scaled from the probe's FLOPs to the case's
+        samples["limit"] = [t * flops / probe_flops for t in samples["limit"]]
     for name in [n for n in steps if samples.get(n)]:
         rec = outcome[name]
         rec.update(status="ok", foreign_cpu_cores=load, **measure.summarize_ms(samples[name]))
