@@ -8,8 +8,13 @@ emulator runs the kernels' own code, and fragment_selftest checks the tensor-cor
 by emulating ldmatrix and mma.sync.
 """
 import dataclasses
+import importlib.util
 import itertools
 import math
+import os
+import re
+import shutil
+import subprocess
 import types
 
 import pytest
@@ -20,7 +25,7 @@ from vrepa_kernels.backends import cuda as cuda_backend
 from vrepa_kernels.features import Features
 from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
 
-from utils import HAS_CUDA, assert_matches_reference, make_pair, requires_cuda, tie_band
+from utils import HAS_CUDA, assert_matches_reference, cpu_backends, make_pair, requires_cuda, tie_band
 
 cpu_ext = cuda_backend._cpu_ext
 requires_twin = pytest.mark.skipif(cpu_ext is None, reason="vrepa_kernels._C_cpu is not built")
@@ -327,10 +332,17 @@ def emulated_as_torch_backend(monkeypatch):
     return route_torch_backend(monkeypatch, cuda_backend.emulated_pair_sums)
 
 
+# The fused kernel for every (dtype, relation, schedule); the two-pass kernels for one dtype per relation (the map
+# tests below run every dtype through them).
+EMULATED_CASES = [(dtype, relation, frames, "memory_minimal", deterministic)
+                  for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                  for relation, frames in RELATIONS for deterministic in (False, True)] + [
+    (torch.float32, "spatial", 5, "two_pass", False), (torch.bfloat16, "full", None, "two_pass", False),
+    (torch.float16, "temporal", 5, "two_pass", False)]
+
+
 @requires_emulator
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("relation, frames", RELATIONS)
-@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+@pytest.mark.parametrize("dtype, relation, frames, algorithm, deterministic", EMULATED_CASES)
 def test_emulated_kernel_relations_dtypes(emulated_as_torch_backend, dtype, relation, frames, algorithm, deterministic):
     # 130 tokens: three row blocks, a ragged last one, and split work items in the symmetric schedule; two map
     # tiles per side in the two-pass path (one read transposed).
@@ -345,6 +357,8 @@ def test_emulated_kernel_relations_dtypes(emulated_as_torch_backend, dtype, rela
                                               ((1, 3, 5), 7, torch.bfloat16), ((2, 66, 72), 130, torch.float16)])
 @pytest.mark.parametrize("algorithm", ["two_pass", "memory_minimal"])
 def test_emulated_kernel_odd_shapes(emulated_as_torch_backend, reduction, shape, dt, dtype, algorithm):
+    if algorithm == "two_pass" and reduction == "sum":
+        pytest.skip("the reduction is the op's, not the kernel's: one reduction per shape for the two-pass kernels")
     # Ds = 33 fp32 / 72 fp16: rows off 16-byte boundaries or chunks past 64, element-wise staging paths.
     s, t = make_pair(shape, dt, dtype=dtype, grad_teacher=True)
     assert_matches_reference(emulated_as_torch_backend, s, t, reduction=reduction, algorithm=algorithm)
@@ -388,8 +402,8 @@ def test_emulated_kernel_is_order_independent(order, dtype, deterministic):
     assert_results_equal(forward, other)
     if dtype != torch.bfloat16:
         return
-    # The two-pass kernels: 260 tokens, 3 map tiles per side, so both map orientations are decoded.
-    s, t = make_pair((1, 260, 24), 16, dtype=dtype, grad_teacher=True)
+    # The two-pass kernels: 259 tokens, 3 map tiles per side, so both map orientations are decoded.
+    s, t = make_pair((1, 259, 16), 8, dtype=dtype, grad_teacher=True)
     fs, ft, spec = features(s, t, relation="temporal", num_frames=7)
     forward = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, algorithm="two_pass")
     other = cuda_backend.emulated_pair_sums(fs, ft, spec, True, True, order=order, algorithm="two_pass")
@@ -409,6 +423,340 @@ def test_emulated_kernel_matches_twin_for_every_split():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     loss_only = cuda_backend.emulated_pair_sums(fs, ft, spec, False, False)
     torch.testing.assert_close(loss_only[0], twin[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two-pass path: the sign map (format, codes, orientation), its linearised triangle, the algorithm choice
+# ---------------------------------------------------------------------------------------------------------
+
+RUNNERS = {
+    "twin": (requires_twin, lambda fs, ft, spec: cuda_backend.cpu_twin_relation_pass(fs, ft, spec, threads=2)),
+    "emulator": (requires_emulator, cuda_backend.emulated_relation_pass),
+}
+
+
+def relation_pass_of(runner):
+    skip, run = RUNNERS[runner]
+    if skip.args[0]:
+        pytest.skip(skip.kwargs["reason"])
+    return run
+
+
+def float64_gap(fs: Features, ft: Features) -> torch.Tensor:
+    u, v = fs.unit(torch.float64), ft.unit(torch.float64)
+    return u @ u.transpose(1, 2) - v @ v.transpose(1, 2)
+
+
+def expected_map_codes(fs: Features, ft: Features, spec: RelationSpec):
+    """(float64 gap, codes) per sample of the map: spatial maps hold the B * F one-frame samples."""
+    gap = float64_gap(fs, ft)
+    if spec.relation != "spatial":
+        return gap, sign_map.codes_of(gap, spec.margin, relation_mask(spec))
+    tpf = spec.tokens_per_frame
+    frames = [gap[:, f * tpf:(f + 1) * tpf, f * tpf:(f + 1) * tpf] for f in range(spec.num_frames)]
+    gap = torch.stack(frames, dim=1).reshape(-1, tpf, tpf)
+    return gap, sign_map.codes_of(gap, spec.margin)
+
+
+def one_hot_pair(batch, n, ds, dt, dtype, seed=0):
+    """Tokens that are signed one-hot vectors: every Gram entry is exactly -1, 0 or +1, every gap -2 .. 2."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(dim):
+        x = torch.zeros(batch, n, dim)
+        idx = torch.randint(0, min(dim, 3), (batch, n, 1), generator=gen)  # few directions: many +-1 gaps
+        sign = torch.randint(0, 2, (batch, n, 1), generator=gen).float() * 2 - 1
+        return x.scatter_(2, idx, sign).to(dtype)
+
+    return tokens(ds), tokens(dt)
+
+
+@requires_twin
+@pytest.mark.parametrize("side", [1, 2, 3, 7, 64, 600])
+def test_map_triangle_linearisation_inverts_tile_index(side):
+    total = side * (side + 1) // 2
+    linears = range(total) if total < 5000 else list(range(0, total, 97)) + [total - 2, total - 1]
+    for linear in linears:
+        i, j = cpu_ext.map_tile_of(linear, side)
+        assert 0 <= i <= j < side and sign_map.tile_index(i, j, side) == linear
+        assert cpu_ext.map_tile_index(i, j, side) == linear
+    assert cpu_ext.map_tile_of(total - 1, side) == (side - 1, side - 1)
+
+
+@requires_twin
+def test_pair_codes_and_their_signs():
+    nan, inf = float("nan"), float("inf")
+    gaps = [0.5, -0.5, 0.1, -0.1, 0.0, 1e-30, nan, inf, -inf]
+    assert [cpu_ext.pair_code(g, 0.1) for g in gaps] == [1, 2, 0, 0, 0, 0, 3, 3, 3]
+    assert [cpu_ext.pair_code(g, 0.0) for g in (1e-30, -1e-30, 0.0)] == [1, 2, 0]
+    expected = sign_map.codes_of(torch.tensor(gaps, dtype=torch.float64), 0.1)
+    assert [cpu_ext.pair_code(g, 0.1) for g in gaps] == expected.tolist()
+    assert [cpu_ext.code_sign(c) for c in range(3)] == [0.0, 1.0, -1.0] and math.isnan(cpu_ext.code_sign(3))
+    assert cpu_ext.map_tile == sign_map.MAP_TILE == 128
+
+
+MAP_CASES = [(300, "full", None, 0.1), (261, "temporal", 3, 0.1), (261, "spatial", 3, 0.05)]
+
+
+@pytest.mark.parametrize("runner, dtype", [("twin", torch.float32), ("twin", torch.bfloat16), ("twin", torch.float16),
+                                           ("emulator", torch.float32), ("emulator", torch.bfloat16)])
+@pytest.mark.parametrize("n, relation, frames, margin", MAP_CASES)
+def test_map_codes_equal_float64_codes_away_from_ties(runner, dtype, n, relation, frames, margin):
+    # N > 256: three map tiles per side, a ragged last one; Ds != Dt. Sums against the float64 loss.
+    relation_pass = relation_pass_of(runner)
+    s, t = make_pair((1 if runner == "emulator" else 2, n, 24), 16, dtype=dtype)
+    fs, ft, spec = features(s, t, relation=relation, num_frames=frames, margin=margin)
+    sums, words = relation_pass(fs, ft, spec)
+    gap, expected = expected_map_codes(fs, ft, spec)
+    assert words.dtype == torch.int32 and words.shape == (gap.shape[0], sign_map.num_map_tiles(gap.shape[1]), 128, 8)
+    got = sign_map.unpack(words, gap.shape[1])
+    far = (gap.abs() - margin).abs() > tie_band(dtype, 24, 16, margin)
+    assert torch.equal(got[far], expected[far])
+    assert far.float().mean() > 0.8  # the comparison covers most pairs
+    loss64 = ((gap.abs() - margin).clamp_min(0) * (expected != 0)).sum(dim=(1, 2))  # kept pairs past the margin
+    loss64 = loss64.reshape(s.shape[0], -1).sum(dim=1)
+    assert sums.dtype == torch.float32 and sums.shape == (s.shape[0],)
+    torch.testing.assert_close(sums.double(), loss64, rtol=1e-3 if dtype == torch.float32 else 3e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("runner", ["twin", "emulator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relation, frames", [("full", None), ("temporal", 3), ("spatial", 3)])
+def test_map_is_exact_for_exact_gaps_ties_and_non_finite_pairs(runner, dtype, relation, frames):
+    # Gaps exactly 0, +-1 or +-2: margin 1 makes the +-1 gaps ties (code 0, no loss), margin 0.5 has none. One NaN
+    # token and one infinite token give code 3 on their rows and columns, and a NaN sum for their sample.
+    if runner == "emulator" and (dtype, relation) not in {(torch.float32, "full"), (torch.bfloat16, "temporal"),
+                                                           (torch.float16, "spatial")}:
+        pytest.skip("the emulator runs one dtype per relation (time)")
+    relation_pass = relation_pass_of(runner)
+    s, t = one_hot_pair(2, 174, 40, 24, dtype)  # two map tiles per side, the second ragged
+    for margin in (1.0, 0.5):
+        fs, ft, spec = features(s, t, relation=relation, num_frames=frames, margin=margin)
+        sums, words = relation_pass(fs, ft, spec)
+        gap, expected = expected_map_codes(fs, ft, spec)
+        assert torch.equal(sign_map.unpack(words, gap.shape[1]), expected)
+        want = ((gap.abs() - margin).clamp_min(0) * (expected != 0)).reshape(2, -1).sum(dim=1)
+        assert torch.equal(sums.double(), want)  # sums of halves and integers: exact
+        if margin == 1.0:  # the ties exist and carry no gradient
+            ties = gap.abs() == 1.0
+            assert ties.any() and (sign_map.unpack(words, gap.shape[1])[ties] == sign_map.CODE_NONE).all()
+    s[0, 150, 1] = float("nan")
+    t[1, 7, 0] = float("inf")
+    fs, ft, spec = features(s, t, relation=relation, num_frames=frames, margin=0.5)
+    sums, words = relation_pass(fs, ft, spec)
+    gap, expected = expected_map_codes(fs, ft, spec)
+    got = sign_map.unpack(words, gap.shape[1])
+    assert torch.equal(got, expected) and (got == sign_map.CODE_NONFINITE).any()
+    assert sums.isnan().all()
+
+
+@pytest.mark.parametrize("runner", ["twin", "emulator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_pass_decodes_both_map_orientations(runner, dtype):
+    # A map packed by sign_map.pack from random symmetric codes (two NaN pairs included): tiles right of the
+    # diagonal are read as stored, tiles left of it transposed; G = scale P X against float64.
+    skip = requires_twin if runner == "twin" else requires_emulator
+    if skip.args[0]:
+        pytest.skip(skip.kwargs["reason"])
+    ext = cpu_ext if runner == "twin" else cuda_backend._emulator_ext
+    launch = dict(threads=2) if runner == "twin" else dict(order=0)
+    batch, n, dim = 2, 260, 40
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 3, (batch, n, n), generator=gen)
+    codes = torch.triu(codes) + torch.triu(codes, 1).transpose(1, 2)
+    codes[0, 5, 259] = codes[0, 259, 5] = sign_map.CODE_NONFINITE  # a NaN pair in tiles (0, 2) and (2, 0)
+    codes[1, 140, 150] = codes[1, 150, 140] = sign_map.CODE_NONFINITE
+    words = sign_map.pack(codes)
+    x = torch.randn(batch, n, dim, generator=gen).to(dtype)
+    g = cuda_backend._gradient_pass(ext, words, Features(x, torch.ones(batch, n, 1)), -2.0, **launch)
+    want = -2.0 * sign_map.signs(codes) @ x.double()
+    assert torch.isnan(g).any(dim=-1).tolist() == torch.isnan(want).any(dim=-1).tolist()
+    torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+@requires_twin
+def test_relation_and_gradient_pass_reject_bad_arguments():
+    s, t = make_pair((1, 12, 8), 8)
+    fs, ft, spec = features(s, t)
+    with pytest.raises(TypeError, match="float64"):
+        cuda_backend.cpu_twin_relation_pass(*features(s.double(), t.double()))
+    words = torch.zeros(1, 1, 128, 8, dtype=torch.int32)
+    x = torch.zeros(1, 12, 8)
+    g = torch.zeros(1, 12, 8)
+    good = dict(map=words.data_ptr(), x=x.data_ptr(), g=g.data_ptr(), dtype=0, batch=1, n=12, dim=8,
+                x_strides=(96, 8), g_strides=(96, 8), scale=2.0, threads=1)
+    for change, message in [(dict(map=0), "null map"), (dict(dim=0), "dim=0"), (dict(dtype=7), "got 7"),
+                            (dict(x_strides=(96, 4)), "strides"), (dict(scale=float("inf")), "scale must be finite")]:
+        with pytest.raises(ValueError, match=message):
+            cpu_ext.gradient_pass(**{**good, **change})
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        cpu_ext.gradient_pass(**{**good, "threads": 0})
+    with pytest.raises(ValueError, match="null sign-map pointer"):
+        cpu_ext.relation_pass(s=s.data_ptr(), t=t.data_ptr(), s_inv=g.data_ptr(), t_inv=g.data_ptr(), map=0,
+                              partial=g.data_ptr(), dtype=0, batch=1, n=12, ds=8, dt=8, s_strides=(96, 8),
+                              t_strides=(96, 8), relation=0, tokens_per_frame=1, margin=0.1, threads=1)
+
+
+def test_cuda_algorithm_choice_follows_the_budget_and_the_argument(monkeypatch):
+    spec = RelationSpec(2, 1000)
+    choose = cuda_backend.choose_algorithm
+    assert choose("auto", spec) == "two_pass" and choose("memory_minimal", spec) == "memory_minimal"
+    assert choose("two_pass", spec, (0, 2)) == "memory_minimal"  # sequence parallelism: the fused kernel
+    assert cuda_backend.map_bytes(spec) == sign_map.map_bytes(2, 1000)
+    assert cuda_backend.map_bytes(RelationSpec(2, 1000, "spatial", 100)) == sign_map.map_bytes(20, 100)
+    assert cuda_backend.MAP_BUDGET_BYTES == 2**30
+    monkeypatch.setattr(cuda_backend, "MAP_BUDGET_BYTES", sign_map.map_bytes(2, 1000))
+    assert choose("auto", spec) == "two_pass"
+    monkeypatch.setattr(cuda_backend, "MAP_BUDGET_BYTES", sign_map.map_bytes(2, 1000) - 1)
+    assert choose("auto", spec) == "memory_minimal" and choose("two_pass", spec) == "two_pass"
+    with pytest.raises(ValueError, match="algorithm must be one of .* got 'fast'"):
+        choose("fast", spec)
+    if cpu_ext is not None:  # over budget, "auto" runs the fused kernel, which takes splits
+        s, t = make_pair((1, 150, 8), 8)
+        monkeypatch.setattr(cuda_backend, "MAP_BUDGET_BYTES", 0)
+        fused = cuda_backend.cpu_twin_pair_sums(*features(s, t), True, False, threads=1, splits=2)
+        two_pass = cuda_backend.cpu_twin_pair_sums(*features(s, t), True, False, threads=1, algorithm="two_pass")
+        torch.testing.assert_close(fused[1], two_pass[1], rtol=1e-5, atol=1e-5)
+
+
+@requires_twin
+@pytest.mark.parametrize("relation, frames", RELATIONS)
+def test_two_pass_agrees_with_the_fused_kernel_and_repeats_bitwise(relation, frames):
+    s, t = make_pair((2, 300, 24), 40, grad_teacher=True)
+    fs, ft, spec = features(s, t, relation=relation, num_frames=frames)
+    two_pass = [cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, threads=t, algorithm="two_pass")
+                for t in (1, 3)]
+    assert_results_equal(two_pass[0], two_pass[1])  # thread count does not change a bit
+    fused = cuda_backend.cpu_twin_pair_sums(fs, ft, spec, True, True, deterministic=True, threads=2,
+                                            algorithm="memory_minimal")
+    for a, b in zip(two_pass[0], fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+requires_triton_interpreter = pytest.mark.skipif(
+    "triton" not in cpu_backends() or not hasattr(importlib.import_module("vrepa_kernels.backends.triton_kernels"),
+                                                  "relation_pass"),
+    reason="needs triton under TRITON_INTERPRET=1 and vrepa_kernels.backends.triton_kernels.relation_pass")
+
+
+# Under TRITON_INTERPRET=1 (triton 3.9) negating a bfloat16 tensor is wrong (-1.0 -> -4.0), and the Triton relation
+# pass negates the teacher operand, so its bf16 map is wrong on the CPU; the GPU compiles a true negation.
+INTERPRETED_BF16 = pytest.mark.xfail(os.environ.get("TRITON_INTERPRET") == "1", strict=False,
+                                     reason="triton's interpreter negates bfloat16 wrongly (-1.0 -> -4.0)")
+
+
+@requires_emulator
+@requires_triton_interpreter
+@pytest.mark.parametrize("dtype, relation, frames", [
+    (torch.float32, "full", None), (torch.float16, "temporal", 3), (torch.float32, "spatial", 3),
+    pytest.param(torch.bfloat16, "full", None, marks=INTERPRETED_BF16)])
+def test_cuda_and_triton_maps_are_identical(dtype, relation, frames):
+    # Exact gaps (signed one-hot tokens) plus a NaN token: no pair is a tie, so both maps must agree word for
+    # word. Spatial: both run the B * F one-frame samples (Triton's relation_pass takes full/temporal specs).
+    from vrepa_kernels.backends import triton_kernels
+
+    s, t = one_hot_pair(2, 174, 40, 24, dtype, seed=5)  # 2 map tiles per side, the second ragged
+    s[1, 100, 2] = float("nan")  # code 3 on a row and a column
+    fs, ft, spec = features(s, t, relation=relation, num_frames=frames, margin=0.5)
+    cuda_sums, cuda_words = cuda_backend.emulated_relation_pass(fs, ft, spec)
+    if relation == "spatial":
+        fs, ft, spec = cuda_backend._per_frame(fs, ft, spec)
+    triton_sums, triton_words = triton_kernels.relation_pass(fs, ft, spec)
+    n = spec.num_tokens
+    assert torch.equal(sign_map.unpack(cuda_words, n), sign_map.unpack(triton_words.cpu(), n))
+    assert torch.equal(cuda_words, triton_words.cpu())
+    assert (sign_map.unpack(cuda_words, n) == sign_map.CODE_NONFINITE).any()
+    triton_sums = triton_sums.cpu().reshape(2, -1).sum(dim=1)
+    torch.testing.assert_close(cuda_sums, triton_sums, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled kernels (SASS of the built _C_cuda, read with cuobjdump; no GPU needed)
+# ---------------------------------------------------------------------------------------------------------
+
+def find_cuobjdump():
+    """cuobjdump on PATH, else the copy bundled with Triton (triton/backends/nvidia/bin)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(root, "backends", "nvidia", "bin", "cuobjdump")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def sass_opcodes(text: str) -> dict:
+    """{kernel symbol: [opcode, ...]} from `cuobjdump -sass` output."""
+    kernels = {}
+    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        kernels[name] = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", chunk)
+    return kernels
+
+
+def resource_usage(text: str) -> dict:
+    """{kernel symbol: {"REG": .., "STACK": .., "LOCAL": .., ...}} from `cuobjdump -res-usage` output."""
+    usage = {}
+    for name, fields in re.findall(r"Function (\S+):\s*\n\s*(.*)", text):
+        usage[name] = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", fields)}
+    return usage
+
+
+GLOBAL_ATOMICS = {"ATOMG", "REDG", "RED", "ATOM"}  # ATOMS (shared memory) is not one
+
+
+@pytest.fixture(scope="module")
+def built_cubins(tmp_path_factory):
+    ext = cuda_backend._cuda_ext
+    if ext is None:
+        pytest.skip(f"the CUDA extension is not built: {cuda_backend.cuda_extension_line()}")
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump is not on PATH and not bundled with an installed triton")
+    out = tmp_path_factory.mktemp("cubins")
+    subprocess.run([tool, "-xelf", "all", ext.__file__], cwd=out, check=True, capture_output=True)
+    cubins = sorted(out.glob("*.cubin"))
+    assert cubins, "cuobjdump extracted no cubin from " + ext.__file__
+    return tool, cubins
+
+
+def test_two_pass_kernels_compile_without_spills_atomics_or_gpu_fences(built_cubins):
+    tool, cubins = built_cubins
+    run = lambda *args: subprocess.run([tool, *args], check=True, capture_output=True, text=True).stdout
+    seen = set()
+    for cubin in cubins:
+        arch = cubin.name.split(".")[-2]  # ..._C_cuda.<k>.sm_90a.cubin
+        for name, usage in resource_usage(run("-res-usage", str(cubin))).items():
+            role = next((r for r in ("relation_pass", "gradient_pass", "fused") if r in name), None)
+            if role is None:
+                continue
+            seen.add((arch, role))
+            if role != "fused":
+                assert usage["STACK"] == 0 and usage["LOCAL"] == 0, (arch, name, usage)  # no spills
+                assert usage["REG"] <= 255, (arch, name, usage)
+        if arch != "sm_90a":
+            continue
+        for name, ops in sass_opcodes(run("-sass", str(cubin))).items():
+            bases = [op.split(".")[0] for op in ops]
+            half = "bfloat16" in name or "half" in name
+            if "fused" in name and half:  # the memory-minimal kernel's relaxed reductions: the parser sees them
+                assert "REDG" in bases, name
+            if "relation_pass" not in name and "gradient_pass" not in name:
+                continue
+            assert not {"STL", "LDL"} & set(bases), name
+            assert not GLOBAL_ATOMICS & set(bases), (name, sorted(GLOBAL_ATOMICS & set(bases)))
+            fences = [op for op in ops if op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op)]
+            assert not fences, (name, fences)
+            assert ("HMMA" in bases) == half, name  # tensor cores for bf16/fp16, FMA for fp32
+            assert "LDGSTS" in bases, name  # cp.async staging
+            if half:
+                assert "LDSM" in bases, name  # ldmatrix
+    archs = {arch for arch, _ in seen}
+    assert "sm_90a" in archs or not cuda_backend._cuda_ext.sass_archs, seen
+    for arch in archs:
+        assert {(arch, r) for r in ("relation_pass", "gradient_pass", "fused")} <= seen, seen
 
 
 # ---------------------------------------------------------------------------------------------------------
