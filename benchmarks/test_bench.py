@@ -35,11 +35,12 @@ REQUIRED_KEYS = {"impl", "N", "D", "Ds", "Dt", "dtype", "device", "mode", "relat
                  "peak_mem_mb", "status", "device_name", "torch_version", "triton_version", "git_commit", "date"}
 
 
-@pytest.mark.parametrize("impl_name", ["naive", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("impl_name", [name for name in registry.REGISTRY if name != "compiled"])
 def test_benchmarked_impl_matches_reference(benchmark, impl_name):
     try:
         loss_fn = registry.REGISTRY[impl_name].build(TINY, DEVICE)
     except registry.Unavailable as why:
+        assert str(why).strip()  # a column that cannot run says why
         pytest.skip(str(why))
     student, teacher = registry.make_inputs(TINY, DEVICE)
     step = registry.make_step(loss_fn, student, teacher, TINY.mode)
@@ -163,22 +164,6 @@ def test_gpu_preset_times_the_issue_shapes_and_acqrel_once():
     assert [n for n, names in timed.items() if "triton-acqrel" in names] == [17550]
     for names in timed.values():
         assert {"naive", "compiled", "torch", "triton", "triton-minimal", "cuda", "cuda-minimal"} <= set(names)
-
-
-@pytest.mark.parametrize("name", [n for n in registry.REGISTRY if n not in ("naive", "compiled", "torch")])
-def test_kernel_columns_run_or_say_why_not(name):
-    case = Case(batch=1, frames=1, tokens_per_frame=64, ds=32, dt=32, dtype="bf16")
-    try:
-        loss_fn = registry.REGISTRY[name].build(case, DEVICE)
-    except registry.Unavailable as why:
-        assert str(why).strip()
-        if DEVICE.type == "cpu" and name.startswith("triton"):
-            assert "CPU" in str(why) or "ATOMIC_SEM" in str(why) or "algorithm" in str(why)
-        return
-    student, teacher = registry.make_inputs(case, DEVICE)
-    loss = registry.make_step(loss_fn, student, teacher, case.mode)()
-    exact = trd_loss_reference(student.detach().double(), teacher.double(), case.margin)
-    assert torch.allclose(loss.double(), exact, rtol=2e-2, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
