@@ -67,11 +67,11 @@ def _add_raw_gram(acc, X, rows, cols, row_ok, col_ok, dim, stride_n, NEGATE: tl.
         k_ok = k < dim
         a = tl.load(X + rows[:, None] * stride_n + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(X + cols[:, None] * stride_n + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if NEGATE:
-            b = -b  # exact in every dtype
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if NEGATE:
+            b = -b  # exact in every dtype (after the upcast: the interpreter negates bf16 wrongly)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
 
