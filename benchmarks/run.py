@@ -1,7 +1,7 @@
 """Benchmark CLI: times the TRD loss implementations against each other and against the GEMM limit.
 
     python benchmarks/run.py --quick                      # ~2 min on a 2-core CPU; what `make demo` runs
-    python benchmarks/run.py --gpu                        # the GPU sweep (about 4-5 min on an H100)
+    python benchmarks/run.py --gpu                        # the GPU sweep (estimated 4-5 min on an H100)
     python benchmarks/run.py --preset cpu --out DIR       # the full CPU sweep
     python benchmarks/run.py --n 1024 4096 --d 256 --dtype fp32 --mode fwd fwd+bwd --impls naive torch
     python benchmarks/run.py --world-size 2 4 --n 4096 --relation full temporal --frames 16   # sequence parallel
