@@ -777,10 +777,11 @@ def gpu_kernel_test(test):
 @gpu_kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relation, frames", RELATIONS)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_relations_dtypes(dtype, relation, frames, deterministic):
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_gpu_relations_dtypes(dtype, relation, frames, algorithm, deterministic):
     s, t = make_pair((2, 325, 40), 24, dtype=dtype, device="cuda", grad_teacher=True)
-    assert_matches_reference("cuda", s, t, relation=relation, num_frames=frames, deterministic=deterministic)
+    assert_matches_reference("cuda", s, t, relation=relation, num_frames=frames, deterministic=deterministic,
+                             algorithm=algorithm)
 
 
 @gpu_kernel_test
@@ -792,10 +793,30 @@ def test_gpu_odd_shapes_and_reductions(reduction, shape, dt):
 
 
 @gpu_kernel_test
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_zero_tokens_and_nan(deterministic):
-    s, t = make_pair((2, 100, 64), 32, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
-    check_zero_tokens_and_nan("cuda", s, t, deterministic)
+@pytest.mark.parametrize("algorithm, deterministic", PATHS)
+def test_gpu_zero_tokens_and_nan(algorithm, deterministic):
+    s, t = make_pair((2, 300, 64), 32, dtype=torch.bfloat16, device="cuda", grad_teacher=True)
+    check_zero_tokens_and_nan("cuda", s, t, deterministic, algorithm)
+
+
+@gpu_kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_two_pass_map_and_determinism(dtype):
+    # The GPU's map equals the float64 codes away from ties and the twin's map on exact gaps; two runs
+    # of the two-pass path are bitwise identical (no atomics anywhere).
+    s, t = make_pair((2, 700, 96), 80, dtype=dtype, device="cuda", grad_teacher=True)
+    fs, ft, spec = features(s, t, relation="temporal", num_frames=7)
+    sums, words = cuda_backend.relation_pass(fs, ft, spec)
+    gap, expected = expected_map_codes(fs, ft, spec)
+    far = (gap.abs() - spec.margin).abs() > tie_band(dtype, 96, 80, spec.margin)
+    assert torch.equal(sign_map.unpack(words.cpu(), 700)[far.cpu()], expected.cpu()[far.cpu()])
+    runs = [cuda_backend.pair_sums(fs, ft, spec, True, True, algorithm="two_pass") for _ in range(2)]
+    assert_results_equal(runs[0], runs[1])
+    exact_s, exact_t = one_hot_pair(2, 300, 40, 24, dtype)
+    fs, ft, spec = features(exact_s.cuda(), exact_t.cuda(), margin=0.5)
+    cpu_fs, cpu_ft, _ = features(exact_s, exact_t, margin=0.5)
+    assert torch.equal(cuda_backend.relation_pass(fs, ft, spec)[1].cpu(),
+                       cuda_backend.cpu_twin_relation_pass(cpu_fs, cpu_ft, spec)[1])
 
 
 @gpu_kernel_test
