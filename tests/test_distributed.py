@@ -5,6 +5,7 @@ import traceback
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -50,6 +51,13 @@ def _worker(rank, world, init_file, backends, queue):
             results.append(("second_order", None))
         except RuntimeError as exc:
             results.append(("second_order", str(exc)))
+        with fwAD.dual_level():  # forward mode: each rank would see only its slice's tangent, so it raises
+            try:
+                trd_loss(fwAD.make_dual(s.detach(), torch.ones_like(s)), teacher[:, lo:hi],
+                         process_group=dist.group.WORLD)
+                results.append(("forward_mode", None))
+            except RuntimeError as exc:
+                results.append(("forward_mode", str(exc)))
         try:
             trd_loss(student[:, lo:hi], teacher[:, lo:hi], relation="spatial", num_frames=7,
                      process_group=dist.group.WORLD)
@@ -88,7 +96,7 @@ def test_sequence_parallel_matches_one_process(world):
 
     sizes = SLICES[world]
     student, teacher = _inputs(sum(sizes))
-    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-3]):
+    for i, (backend, relation, frames, reduction, _, _, _) in enumerate(outputs[0][:-4]):
         dtype = torch.float32 if backend == "triton" else torch.float64
         s = student.to(dtype).clone().requires_grad_(True)
         t = teacher.to(dtype).clone().requires_grad_(True)
@@ -102,9 +110,10 @@ def test_sequence_parallel_matches_one_process(world):
             torch.testing.assert_close(g_s, s.grad[:, lo:hi], **tol)
             torch.testing.assert_close(g_t, t.grad[:, lo:hi], **tol)
     for rank in range(world):
-        message = outputs[rank][-3][1]
-        assert message is not None and "process_group" in message and "trd_loss" in message
-        assert "without process_group" in message
+        for entry, derivative in ((-4, "second-order"), (-3, "forward-mode")):
+            message = outputs[rank][entry][1]
+            assert message is not None and "trd_loss(..., process_group=...)" in message
+            assert derivative in message and "without process_group" in message
         assert outputs[rank][-2][1] is not None and "num_frames=7" in outputs[rank][-2][1]
         assert outputs[rank][-1][1] is not None
         assert ("teacher holds NaN" if rank == world - 1 else "rejected their shards") in outputs[rank][-1][1]

@@ -4,17 +4,14 @@ The loss is piecewise linear in the relation gap D, so its second derivative is 
 the inputs here keep every kept pair's | |D| - margin | above 1e-4, so that the sign pattern of an fp32
 backend equals the float64 one.
 """
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vrepa_kernels import backends, trd_loss, trd_loss_reference
-from vrepa_kernels.backends import cuda as cuda_backend
+from vrepa_kernels import trd_loss, trd_loss_reference
 from vrepa_kernels.relation import canonicalize, relation_mask
 
-from utils import cpu_backends, make_pair
+from utils import cpu_backends, cuda_cpu_kernels, make_pair, route_torch_backend
 
 RELATIONS = [("full", None), ("spatial", 4), ("temporal", 4)]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -67,12 +64,11 @@ def test_double_backward_matches_reference(backend, relation, frames, reduction)
     assert_second_order_matches_reference(backend, relation, frames, reduction, dtype, tol)
 
 
-@pytest.mark.skipif(cuda_backend._cpu_ext is None, reason="vrepa_kernels._C_cpu is not built")
+@pytest.mark.skipif("cuda-twin" not in cuda_cpu_kernels(), reason="vrepa_kernels._C_cpu is not built")
 @pytest.mark.parametrize("relation, frames", RELATIONS)
 def test_double_backward_with_the_cuda_cpu_twin(monkeypatch, relation, frames):
-    twin = lambda *args, **kw: cuda_backend.cpu_twin_pair_sums(*args, threads=2, **kw)  # noqa: E731
-    monkeypatch.setitem(backends.REGISTRY, "torch", dataclasses.replace(backends.REGISTRY["torch"], kernel=twin))
-    assert_second_order_matches_reference("torch", relation, frames, "mean", torch.float32, 1e-4)
+    backend = route_torch_backend(monkeypatch, cuda_cpu_kernels()["cuda-twin"])
+    assert_second_order_matches_reference(backend, relation, frames, "mean", torch.float32, 1e-4)
 
 
 def test_first_order_gradient_is_the_same_with_and_without_create_graph():
@@ -126,8 +122,8 @@ def test_torch_func_transforms_match_reference(backend, reduction):
     v = torch.randn(s.shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
 
     def results(loss_fn, s, t, v):
-        f2 = lambda a, b: loss_fn(a, b, **kwargs)  # noqa: E731
-        f = lambda a: (f2(a, t) * torch.arange(1, 3, dtype=a.dtype)).sum()  # noqa: E731 - weights per sample
+        f2 = lambda a, b: loss_fn(a, b, **kwargs)
+        f = lambda a: (f2(a, t) * torch.arange(1, 3, dtype=a.dtype)).sum()  # weights per sample
         return {name: run() for name, run in _transforms(f, f2, s, t, v).items()}
 
     got = results(lambda a, b, **kw: trd_loss(a, b, backend=backend, **kw), s, t, v)
@@ -150,3 +146,18 @@ def test_compiled_double_backward_raises_instead_of_dropping_the_second_derivati
     torch.testing.assert_close(g, torch.autograd.grad(trd_loss(s, t), s)[0])
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((g * g).sum() + s.sum(), s)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_ad_matches_reference(reduction):
+    import torch.autograd.forward_ad as fwAD
+
+    s, t = make_pair((2, 16, 6), 5, dtype=torch.float64, seed=7)
+    ds, dt = torch.randn_like(s), torch.randn_like(t)
+    tangents = []
+    for fn in (trd_loss, trd_loss_reference):
+        with fwAD.dual_level():
+            loss = fn(fwAD.make_dual(s.detach(), ds), fwAD.make_dual(t.detach(), dt), reduction=reduction)
+            tangents.append(fwAD.unpack_dual(loss).tangent)
+    assert tangents[1].abs().max() > 0
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-14)

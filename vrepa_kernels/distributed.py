@@ -67,10 +67,9 @@ class ShardedLossCall(LossCall):
         g_s, g_t = input_gradients(g_s, g_t, feats_s, feats_t, scale, rows)
         return loss, g_s, g_t
 
-    def second_order_unsupported(self) -> Optional[str]:
-        return ("trd_loss(..., process_group=...) computes first-order gradients only; for second-order "
-                "gradients (create_graph=True, torch.func) call trd_loss without process_group on the "
-                "whole sequence")
+    def unsupported(self, derivative: str) -> Optional[str]:
+        return (f"trd_loss(..., process_group=...) computes first-order reverse-mode gradients only; for "
+                f"{derivative} call trd_loss without process_group on the whole sequence")
 
 
 def sequence_parallel_trd_loss(student, teacher, margin, relation, num_frames, reduction, backend,

@@ -10,8 +10,8 @@ from typing import List
 import torch
 
 from . import __version__
-from .backends import cuda as cuda_backend
 from .backends import REGISTRY
+from .backends import cuda as cuda_backend
 
 
 def _triton_version() -> str:

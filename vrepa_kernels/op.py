@@ -99,16 +99,15 @@ def _trd_loss_forward_fake(student, teacher, margin, relation, tokens_per_frame,
     return loss, g_s, g_t
 
 
-def _loop_over_vmapped_dim(op, info, in_dims, tensors, rest):
-    """Run ``op`` once per slice of the vmapped dim and stack the outputs (a vmap rule for custom ops)."""
+def _slices(info, in_dims, tensors):
+    """The tensors at each index of the vmapped dim (unbatched ones as they are): a looping vmap rule."""
     moved = [x if d is None else x.movedim(d, 0) for x, d in zip(tensors, in_dims)]
-    outs = [op(*[x if d is None else x[i] for x, d in zip(moved, in_dims)], *rest) for i in range(info.batch_size)]
-    return outs
+    return [[x if d is None else x[i] for x, d in zip(moved, in_dims)] for i in range(info.batch_size)]
 
 
 @trd_loss_forward.register_vmap
 def _trd_loss_forward_vmap(info, in_dims, student, teacher, *rest):
-    outs = _loop_over_vmapped_dim(trd_loss_forward, info, in_dims[:2], (student, teacher), rest)
+    outs = [trd_loss_forward(s, t, *rest) for s, t in _slices(info, in_dims[:2], (student, teacher))]
     return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
 
 
@@ -129,13 +128,8 @@ def _sign_product_fake(student, teacher, operands, margin, relation, tokens_per_
 
 @sign_product_op.register_vmap
 def _sign_product_vmap(info, in_dims, student, teacher, operands, *rest):
-    dims = [in_dims[0], in_dims[1], *in_dims[2]]
-    tensors = [student, teacher, *operands]
-    moved = [x if d is None else x.movedim(d, 0) for x, d in zip(tensors, dims)]
-    outs = []
-    for i in range(info.batch_size):
-        s, t, *xs = [x if d is None else x[i] for x, d in zip(moved, dims)]
-        outs.append(sign_product_op(s, t, xs, *rest))
+    slices = _slices(info, [in_dims[0], in_dims[1], *in_dims[2]], [student, teacher, *operands])
+    outs = [sign_product_op(s, t, xs, *rest) for s, t, *xs in slices]
     return [torch.stack(o) for o in zip(*outs)], [0] * len(operands)
 
 
@@ -197,8 +191,8 @@ class LossCall:
                                 spec.reduction, spec.single_sample, self.backend, need_s, need_t,
                                 self.deterministic, self.algorithm)
 
-    def second_order_unsupported(self) -> Optional[str]:
-        """Why this call has no second-order gradient (an error message), or None."""
+    def unsupported(self, derivative: str) -> Optional[str]:
+        """None, or the error message when this call cannot give ``derivative`` (beyond first-order reverse)."""
         return None
 
 
@@ -261,7 +255,7 @@ class TRDLossFunction(torch.autograd.Function):
         # Autograd records the backward (create_graph=True, every torch.func.grad): build the gradient from
         # differentiable ops. torch.compile traces the plain rescale (it has no double backward anyway).
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            reason = call.second_order_unsupported()
+            reason = call.unsupported("second-order gradients (create_graph=True, torch.func.grad)")
             if reason is not None:
                 raise RuntimeError(reason)
             grads = _differentiable_gradients(student, teacher, call, grad_loss, needs)
@@ -286,6 +280,9 @@ class TRDLossFunctionWithJvp(TRDLossFunction):
     @staticmethod
     def jvp(ctx, d_student, d_teacher, _d_call):
         call = ctx.call
+        reason = call.unsupported("forward-mode derivatives (torch.func.jvp, jacfwd, torch.autograd.forward_ad)")
+        if reason is not None:
+            raise RuntimeError(reason)
         student, teacher, g_s, g_t = ctx.saved_tensors
         tangents = [(d, g, need) for d, g, need in ((d_student, g_s, call.need_s), (d_teacher, g_t, call.need_t))
                     if d is not None]
