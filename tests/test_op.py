@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from vrepa_kernels import trd_loss
 from vrepa_kernels.features import NORMALIZE_EPS, Features, normalize_backward
-from vrepa_kernels.op import trd_loss_forward
+from vrepa_kernels.op import sign_product_op, trd_loss_forward
 
 from utils import cpu_backends
 
@@ -78,3 +78,19 @@ def test_custom_op_passes_opcheck():
     t = torch.randn(2, 10, 4)
     torch.library.opcheck(trd_loss_forward, (s, t, 0.1, "full", 0, "mean", False, "torch", True, False, False, "auto"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_sign_product_op_passes_opcheck_and_is_p_times_x():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 12, 6, generator=gen, dtype=torch.float64), torch.randn(2, 12, 4, generator=gen,
+                                                                                   dtype=torch.float64)
+    x = torch.randn(2, 12, 3, generator=gen, dtype=torch.float64)
+    args = (s, t, [x], 0.1, "temporal", 3)
+    torch.library.opcheck(sign_product_op, args, test_utils=("test_schema", "test_faketensor"))
+    sn, tn = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    d = sn @ sn.transpose(1, 2) - tn @ tn.transpose(1, 2)
+    frame = torch.arange(12) // 3
+    p = torch.sign(d) * (d.abs() > 0.1) * (frame[:, None] != frame[None, :])
+    (got,) = sign_product_op(*args)
+    assert p.abs().sum() > 0
+    torch.testing.assert_close(got, p @ x, rtol=1e-12, atol=1e-12)

@@ -15,6 +15,10 @@ Per step, with N tokens in all:
 No N x N data ever moves. Every rank returns the loss of the whole sequence; each rank's gradient is the
 gradient of its own slice. Combine with data parallelism by passing one process group per
 sequence-parallel group.
+
+The autograd rules are the single-process op's (:class:`vrepa_kernels.op.TRDLossFunction`) with this
+forward (:class:`ShardedLossCall`); second-order and forward-mode derivatives raise here, since each rank
+holds only its own slice.
 """
 from __future__ import annotations
 

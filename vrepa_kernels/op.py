@@ -16,6 +16,7 @@ exact backward, the reduction, and the derivative rules of :class:`TRDLossFuncti
 * ``torch.func.vmap``: the custom ops loop over the vmapped dim.
 
 The loss itself is the custom op ``vrepa_kernels::trd_loss_forward``, so ``torch.compile`` sees one node.
+The inputs are saved for the backward (second order recomputes ``P`` from them), beside the gradients.
 """
 from __future__ import annotations
 
