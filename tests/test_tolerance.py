@@ -90,26 +90,48 @@ def tie_margin(student, teacher, which, **kwargs):
     return d[in_25ths == gap][0].item()
 
 
+def cpu_kernels():
+    """Every CPU implementation of the loss: name -> (backend, pair_sums override or None, trd_loss options)."""
+    kernels = {name: (name, None, {}) for name in cpu_backends()}
+    if "triton" in kernels:
+        kernels.update({f"triton-{a}": ("triton", None, {"algorithm": a}) for a in ("two_pass", "memory_minimal")})
+    kernels.update({name: ("torch", kernel, {}) for name, kernel in cuda_cpu_kernels().items()})
+    return kernels
+
+
+KERNELS = cpu_kernels()
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request, monkeypatch):
+    """(backend, options) that run one CPU implementation through trd_loss."""
+    backend, override, options = KERNELS[request.param]
+    if "algorithm" in options and "algorithm" not in inspect.signature(trd_loss).parameters:
+        pytest.skip("trd_loss has no algorithm argument yet")
+    if override is not None:
+        route_torch_backend(monkeypatch, override)
+    return backend, options
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The rule accepts rounding and rejects errors
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("margin", [0.01, 0.1, 0.5])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_margin_off_by_one_percent_fails(backend, margin, reduction):
+@pytest.mark.parametrize("margin, reduction", [(0.01, "mean"), (0.1, "none"), (0.5, "sum")])
+def test_margin_off_by_one_percent_fails(kernel, margin, reduction):
+    backend, options = kernel
     s, t = make_pair((2, 40, 24), 16)
-    assert_matches_reference(backend, s, t, margin=margin, reduction=reduction)
-    wrong = loss_and_grads(trd_loss, s, t, backend=backend, margin=margin * 1.01, reduction=reduction)
+    assert_matches_reference(backend, s, t, margin=margin, reduction=reduction, **options)
+    wrong = loss_and_grads(trd_loss, s, t, backend=backend, margin=margin * 1.01, reduction=reduction, **options)
     failures = reference_failures(*wrong, s, t, margin=margin, reduction=reduction)
     assert failures and failures[0].startswith("loss")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flipped_gradient_sign_fails(backend, dtype):
+def test_flipped_gradient_sign_fails(kernel, dtype):
+    backend, options = kernel
     s, t = make_pair((2, 40, 24), 16, dtype=dtype, grad_teacher=True)
-    loss, grads = loss_and_grads(trd_loss, s, t, backend=backend)
+    loss, grads = loss_and_grads(trd_loss, s, t, backend=backend, **options)
     assert not reference_failures(loss, grads, s, t)
     flipped = reference_failures(loss, [-g for g in grads], s, t)
     assert [f.split(":")[0] for f in flipped] == ["student grad", "teacher grad"]
@@ -173,25 +195,26 @@ def test_either_side_of_a_tie_and_nothing_else(case, gap):
         wrong[b, i, j] = wrong[b, j, i] = value(b, i, j)
         assert failures_with_signs(s, t, wrong, margin=margin, **case)
 
-def cpu_kernels():
-    """Every CPU implementation of the pair sums: (name, backend, pair_sums override or None, kwargs)."""
-    kernels = [(name, name, None, {}) for name in cpu_backends()]
-    if "triton" in cpu_backends():
-        kernels += [(f"triton-{a}", "triton", None, {"algorithm": a}) for a in ("two_pass", "memory_minimal")]
-    kernels += [(name, "torch", kernel, {}) for name, kernel in cuda_cpu_kernels().items()]
-    return kernels
-
-
-@pytest.mark.parametrize("name, backend, kernel, options", cpu_kernels(), ids=[k[0] for k in cpu_kernels()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gap", ["zero", "common", "large"])
-def test_backends_pass_at_the_margin(monkeypatch, name, backend, kernel, options, dtype, gap):
-    if kernel is not None:
-        route_torch_backend(monkeypatch, kernel)
-    if "algorithm" in options and "algorithm" not in inspect.signature(trd_loss).parameters:
-        pytest.skip("trd_loss has no algorithm argument yet")
+def test_backends_pass_at_the_margin(kernel, dtype, gap):
+    backend, options = kernel
     s, t = tie_inputs(dtype)
     for case in CASES:
+        margin = tie_margin(s, t, gap, **case)
         for reduction in ("mean", "sum", "none"):
-            margin = tie_margin(s, t, gap, **case)
             assert_matches_reference(backend, s, t, margin=margin, reduction=reduction, **case, **options)
+
+
+def test_ties_do_round_the_other_way_in_a_real_run():
+    # The torch backend (unit features rounded to fp32, then a GEMM) puts some exact ties on the other side:
+    # those runs pass only with the tie allowance.
+    s, t = tie_inputs()
+    need_ties = 0
+    for gap in ("zero", "common", "large"):
+        for case in CASES:
+            margin = tie_margin(s, t, gap, **case)
+            got = loss_and_grads(trd_loss, s, t, backend="torch", margin=margin, **case)
+            assert not reference_failures(*got, s, t, margin=margin, **case)
+            need_ties += bool(reference_failures(*got, s, t, ignore_ties=True, margin=margin, **case))
+    assert need_ties > 0
