@@ -15,9 +15,9 @@
 #    gpu_check.log) under benchmarks/results/<gpu-name>-<date>/, naming the GPU and the commit.
 #
 # Environment: PYTHON (default python3), OUT_DIR (default benchmarks/results/<gpu>-<date>),
-# VREPA_GIT_COMMIT (the commit to name where the checkout has no .git), TOTAL_BUDGET_S (default 420:
-# the benchmark gets what the earlier steps left of it, at least 120 s), TEST_TIMEOUT_S (default 150),
-# TUNE_TIMEOUT_S (default 120). The whole check is meant to fit 8 minutes on a bare H100.
+# VREPA_GIT_COMMIT (the commit to name where the checkout has no .git), TOTAL_BUDGET_S (default 480:
+# the benchmark gets what the earlier steps left of it, at least 120 s), TEST_TIMEOUT_S (default 120),
+# TUNE_TIMEOUT_S (default 90). The whole check is meant to fit 8 minutes on a bare H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -54,8 +54,8 @@ cat "$OUT/.info.txt"
 echo "== 3/5 GPU tests"
 TEST_RC=""
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  TEST_END=$(( $(date +%s) + ${TEST_TIMEOUT_S:-150} ))
-  timeout "${TEST_TIMEOUT_S:-150}" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/.tests.log"
+  TEST_END=$(( $(date +%s) + ${TEST_TIMEOUT_S:-120} ))
+  timeout "${TEST_TIMEOUT_S:-120}" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/.tests.log"
   TEST_RC=${PIPESTATUS[0]}
   GPU_TESTS=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/.tests.log" | tail -n 1)
   timeout $(( TEST_END - $(date +%s) > 30 ? TEST_END - $(date +%s) : 30 )) "$PY" -m pytest -q -ra \
@@ -64,20 +64,20 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   BENCH_TESTS=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/.tests.log" | tail -n 1)
   TESTS="tests -m gpu: rc $TEST_RC, $GPU_TESTS; benchmarks/test_bench.py: rc $BENCH_TEST_RC, $BENCH_TESTS"
   [ "$TEST_RC" = 0 ] && TEST_RC=$BENCH_TEST_RC
-  [ "$TEST_RC" = 124 ] && TESTS="timed out (rc 124 = timeout, limit ${TEST_TIMEOUT_S:-150} s in all); $TESTS"
+  [ "$TEST_RC" = 124 ] && TESTS="timed out (rc 124 = timeout, limit ${TEST_TIMEOUT_S:-120} s in all); $TESTS"
 else
   TESTS="not run: pytest is not installed for $PY (carry a wheel: see benchmarks/README.md)"
   echo "$TESTS" | tee "$OUT/.tests.log"
 fi
 
 echo "== 4/5 pin Triton configs and the faster path (quick tune)"
-timeout "${TUNE_TIMEOUT_S:-120}" "$PY" benchmarks/tune_triton.py --quick --reps 3 --write \
+timeout "${TUNE_TIMEOUT_S:-90}" "$PY" benchmarks/tune_triton.py --quick --reps 3 --write \
   --copy-to "$OUT/triton_configs.json" 2>&1 | tee "$OUT/tune.log"
 TUNE_RC=${PIPESTATUS[0]}
 echo "tune: rc $TUNE_RC"
 
 echo "== 5/5 GPU benchmark"
-LEFT=$(( ${TOTAL_BUDGET_S:-420} - ($(date +%s) - START) ))
+LEFT=$(( ${TOTAL_BUDGET_S:-480} - ($(date +%s) - START) ))
 BUDGET=$(( LEFT > 120 ? LEFT : 120 ))
 timeout $(( BUDGET + 90 )) "$PY" benchmarks/run.py --gpu --out "$OUT" --no-progress --time-budget "$BUDGET"
 BENCH_RC=$?

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402
 from vrepa_kernels.backends import triton_kernels  # noqa: E402
 from vrepa_kernels.features import Features  # noqa: E402
 from vrepa_kernels.relation import RelationSpec  # noqa: E402
@@ -50,17 +52,9 @@ def two_pass_candidates(quick: bool = False):
 
 
 def time_ms(fn, reps: int) -> float:
+    """Median of ``reps`` calls after one warm-up, on the benchmarks' one timer."""
     fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(measure.time_ms(fn, torch.device("cuda")) for _ in range(reps))
 
 
 def tune(dtype: torch.dtype, n: int, d: int, reps: int, quick: bool = False):
