@@ -33,6 +33,7 @@ struct TrdArgs {
   int64_t splits = 1;
   bool s_vec16 = false;   // every row of s starts on a 16-byte boundary (set by fill_alignment)
   bool t_vec16 = false;
+  int64_t work_first = 0, work_step = 1;  // this rank's work items: work_first + k work_step (sequence parallelism)
   uint32_t* map = nullptr;  // relation pass: [batch, map_tiles(n), 128, 8] int32 sign map (partial: [batch, map_tiles(n)])
 };
 
@@ -83,6 +84,9 @@ inline std::string check_args(const TrdArgs& a, int dtype) {
   if (a.grad_s != nullptr && a.gs_stride_n < a.ds) return "grad_s row stride is smaller than ds";
   if (a.grad_t != nullptr && a.gt_stride_n < a.dt) return "grad_t row stride is smaller than dt";
   if (work_items(a.batch, a.n, a.splits) > int_max) return "batch * row blocks * splits exceeds 2^31 - 1 work items";
+  if (a.work_step < 1 || a.work_first < 0 || a.work_first >= a.work_step)
+    return "work=(first, step) must have 0 <= first < step, got (" + std::to_string(a.work_first) + ", " +
+           std::to_string(a.work_step) + ")";
   return std::string();
 }
 

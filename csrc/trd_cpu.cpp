@@ -354,8 +354,10 @@ void cpu_pair_sums(const TrdArgs& a, int dtype, int threads) {
       }
     parallel_for_threads(threads, [&](int t) {
       for (int64_t item = t; item < items_per_sample; item += threads) {
-        // The GPU's linear work index of (b, item): heaviest row blocks first.
-        const Work w = decode_work(item * a.batch + b, a.batch, a.splits);
+        // The GPU's linear work index of (b, item): heaviest row blocks first; other ranks' items are skipped.
+        const int64_t linear = item * a.batch + b;
+        if (linear % a.work_step != a.work_first) continue;
+        const Work w = decode_work(linear, a.batch, a.splits);
         a.partial[partial_slot(w, a.n, a.splits)] = run_work_item(job, w, scratch[static_cast<size_t>(t)]);
       }
     });

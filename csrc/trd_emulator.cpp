@@ -352,7 +352,8 @@ std::vector<std::pair<const unsigned char*, const unsigned char*>> input_ranges(
 
 template <class T>
 std::string emulate(TrdArgs args, int dtype, int order) {
-  return emulate_launch(work_items(args.batch, args.n, args.splits), kThreads, cuda::smem_bytes<T>(), order,
+  return emulate_launch(launched_items(work_items(args.batch, args.n, args.splits), args.work_first, args.work_step),
+                        kThreads, cuda::smem_bytes<T>(), order,
                         input_ranges(args, dtype), [&args] { cuda::trd_fused_pair_sums_kernel<T>(args); });
 }
 

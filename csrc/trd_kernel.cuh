@@ -447,7 +447,7 @@ VREPA_KERNEL trd_fused_pair_sums_kernel(const TrdArgs args) {
   constexpr int S = smem_stride<T>();
 
   const int thread = thread_id(), lane = thread & 31, warp = thread >> 5;
-  const Work work = decode_work(block_id(), args.batch, args.splits);
+  const Work work = decode_work(args.work_first + block_id() * args.work_step, args.batch, args.splits);
   const int n = static_cast<int>(args.n);
   const int tpf = static_cast<int>(args.tokens_per_frame);
   const int relation = args.relation;
@@ -558,7 +558,8 @@ cudaError_t launch_pair_sums(const TrdArgs& args, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(trd_fused_pair_sums_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = work_items(args.batch, args.n, args.splits);
+  const int64_t blocks = launched_items(work_items(args.batch, args.n, args.splits), args.work_first, args.work_step);
+  if (blocks < 1) return cudaSuccess;  // more ranks than work items: nothing for this one
   trd_fused_pair_sums_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args);
   return cudaGetLastError();
 }

@@ -24,7 +24,7 @@ void def_pair_sums(py::module_& m, const char* doc, Run run, ExtraNames... extra
       [run](uintptr_t s, uintptr_t t, uintptr_t s_inv, uintptr_t t_inv, uintptr_t grad_s, uintptr_t grad_t,
             uintptr_t partial, int dtype, int64_t batch, int64_t n, int64_t ds, int64_t dt, py::tuple s_strides,
             py::tuple t_strides, py::tuple gs_strides, py::tuple gt_strides, int relation, int64_t tokens_per_frame,
-            double margin, bool symmetric, int64_t splits, Extra... extra) {
+            double margin, bool symmetric, int64_t splits, py::tuple work, Extra... extra) {
         auto stride = [](const py::tuple& strides, size_t i, const char* name) -> int64_t {
           if (strides.size() != 2) throw py::value_error(std::string(name) + " must be (stride_b, stride_n)");
           return strides[i].cast<int64_t>();
@@ -54,6 +54,9 @@ void def_pair_sums(py::module_& m, const char* doc, Run run, ExtraNames... extra
         a.margin = static_cast<float>(margin);
         a.symmetric = symmetric;
         a.splits = splits;
+        if (work.size() != 2) throw py::value_error("work must be (first, step)");
+        a.work_first = work[0].cast<int64_t>();
+        a.work_step = work[1].cast<int64_t>();
         const std::string bad = check_args(a, dtype);
         if (!bad.empty()) throw py::value_error(bad);
         run(a, dtype, extra...);
@@ -61,7 +64,8 @@ void def_pair_sums(py::module_& m, const char* doc, Run run, ExtraNames... extra
       py::arg("s"), py::arg("t"), py::arg("s_inv"), py::arg("t_inv"), py::arg("grad_s"), py::arg("grad_t"),
       py::arg("partial"), py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("ds"), py::arg("dt"),
       py::arg("s_strides"), py::arg("t_strides"), py::arg("gs_strides"), py::arg("gt_strides"), py::arg("relation"),
-      py::arg("tokens_per_frame"), py::arg("margin"), py::arg("symmetric"), py::arg("splits"), extra_names..., doc);
+      py::arg("tokens_per_frame"), py::arg("margin"), py::arg("symmetric"), py::arg("splits"), py::arg("work"),
+      extra_names..., doc);
 }
 
 // Defines `plan(batch, n, symmetric, parallel_units)` -> (row_blocks, splits): the shape of the partial-sum

@@ -97,6 +97,10 @@ VREPA_HD Work decode_work(int64_t linear, int64_t batch, int64_t splits) {
 
 VREPA_HD int64_t work_items(int64_t batch, int64_t n, int64_t splits) { return batch * row_blocks(n) * splits; }
 
+// Sequence parallelism: rank `first` of `step` ranks takes the work items first, first + step, ... (dealt
+// round-robin in the heaviest-first order, so every rank gets a similar share). One rank: first 0, step 1.
+VREPA_HD int64_t launched_items(int64_t items, int64_t first, int64_t step) { return ceil_div(items - first, step); }
+
 // Where work item (row_block, split) writes its share of the loss in the [batch, row_blocks * splits] buffer.
 VREPA_HD int64_t partial_slot(const Work& w, int64_t n, int64_t splits) {
   return w.batch_index * row_blocks(n) * splits + w.row_block * splits + w.split;

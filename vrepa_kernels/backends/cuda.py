@@ -177,7 +177,7 @@ def preferred(spec, dtype: torch.dtype) -> bool:
 
 def _kernel_args(s: torch.Tensor, t: torch.Tensor, s_inv: torch.Tensor, t_inv: torch.Tensor,
                  g_s: Optional[torch.Tensor], g_t: Optional[torch.Tensor], partial: torch.Tensor,
-                 spec: RelationSpec, symmetric: bool, splits: int) -> dict:
+                 spec: RelationSpec, symmetric: bool, splits: int, part: Optional[Tuple[int, int]] = None) -> dict:
     batch, n, ds = s.shape
     return dict(
         s=s.data_ptr(), t=t.data_ptr(), s_inv=s_inv.data_ptr(), t_inv=t_inv.data_ptr(),
@@ -187,7 +187,7 @@ def _kernel_args(s: torch.Tensor, t: torch.Tensor, s_inv: torch.Tensor, t_inv: t
         gs_strides=(g_s.stride(0), g_s.stride(1)) if g_s is not None else (0, 0),
         gt_strides=(g_t.stride(0), g_t.stride(1)) if g_t is not None else (0, 0),
         relation=RELATION_CODES[spec.relation], tokens_per_frame=spec.tokens_per_frame or 1,
-        margin=float(spec.margin), symmetric=symmetric, splits=splits,
+        margin=float(spec.margin), symmetric=symmetric, splits=splits, work=tuple(part) if part else (0, 1),
     )
 
 
@@ -214,15 +214,27 @@ def _prepare(student: Features, teacher: Features, spec: RelationSpec, need_s: b
     return s, t, s_inv, t_inv, g_s, g_t, symmetric
 
 
+def _check_part(part: Optional[Tuple[int, int]]) -> None:
+    if part is None:
+        return
+    if (not isinstance(part, (tuple, list)) or len(part) != 2 or not all(isinstance(x, int) for x in part)
+            or not 0 <= part[0] < part[1]):
+        raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part!r}")
+
+
 def _run(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
-         deterministic: bool, backend: str, parallel_units: int, splits: Optional[int], **launch):
-    """The fused kernel: allocate with torch, plan the launch, call ``ext.pair_sums``; sums come back in fp32."""
+         deterministic: bool, backend: str, parallel_units: int, splits: Optional[int],
+         part: Optional[Tuple[int, int]] = None, **launch):
+    """The fused kernel: allocate with torch, plan the launch, call ``ext.pair_sums``; sums come back in fp32.
+    With ``part=(rank, world)`` only that rank's work items run (round-robin): partial sums and gradients."""
+    _check_part(part)
     s, t, s_inv, t_inv, g_s, g_t, symmetric = _prepare(student, teacher, spec, need_s, need_t, deterministic, backend)
     batch, n = s.shape[:2]
     row_blocks, planned = ext.plan(batch, n, symmetric, parallel_units)
     splits = planned if splits is None else int(splits)
-    partial = torch.empty(batch, row_blocks * splits, dtype=torch.float64, device=s.device)
-    ext.pair_sums(**_kernel_args(s, t, s_inv, t_inv, g_s, g_t, partial, spec, symmetric, splits), **launch)
+    # Zeros: another rank's work items leave their slots unwritten.
+    partial = (torch.zeros if part else torch.empty)(batch, row_blocks * splits, dtype=torch.float64, device=s.device)
+    ext.pair_sums(**_kernel_args(s, t, s_inv, t_inv, g_s, g_t, partial, spec, symmetric, splits, part), **launch)
     return partial.sum(dim=1).to(torch.float32), g_s, g_t
 
 
@@ -334,10 +346,9 @@ def pair_sums(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The CUDA kernels on torch's current stream of the inputs' device (``algorithm``: see the module docstring).
 
-    ``part=(rank, world)`` is not split by this backend (its registry entry says so): it is rejected.
+    ``part=(rank, world)`` (sequence parallelism) runs the fused kernel on that rank's share of the work items:
+    the sums and gradients are then partial, for an all-reduce over the ranks.
     """
-    if part is not None:
-        raise ValueError(f"backend='cuda' does not split work across ranks, got part={part}")
     path = choose_algorithm(algorithm, spec, part)
     device = student.values.device
     index = _device_launch(device)
@@ -346,7 +357,7 @@ def pair_sums(
         if path == "two_pass" and (need_s or need_t):
             return _two_pass(_cuda_ext, student, teacher, spec, need_s, need_t, "cuda", device=index, stream=stream)
         return _run(_cuda_ext, student, teacher, spec, need_s, need_t, deterministic, "cuda", _multiprocessors(index),
-                    None, device=index, stream=stream)
+                    None, part, device=index, stream=stream)
 
 
 def relation_pass(student: Features, teacher: Features, spec: RelationSpec) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +408,7 @@ def cpu_twin_pair_sums(
     threads: Optional[int] = None,
     splits: Optional[int] = None,
     algorithm: str = "auto",
+    part: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The CPU twin of the CUDA kernels (same schedule, epilogue and sign map), for CPU tensors.
 
@@ -405,11 +417,11 @@ def cpu_twin_pair_sums(
     """
     ext = _twin("cpu_twin_pair_sums", student)
     threads = _twin_threads(threads)
-    path = choose_algorithm(algorithm, spec)
+    path = choose_algorithm(algorithm, spec, part)
     _check_fused_only(path, need_s or need_t, splits)
     if path == "two_pass" and (need_s or need_t):
         return _two_pass(ext, student, teacher, spec, need_s, need_t, "cpu_twin", threads=threads)
-    return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits,
+    return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "cpu_twin", threads, splits, part,
                 threads=threads)
 
 
@@ -431,6 +443,7 @@ def emulated_pair_sums(
     multiprocessors: int = 132,
     order: int = 0,
     algorithm: str = "auto",
+    part: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The CUDA kernels' own code run on CPU tensors by the warp/barrier emulator (tests; tiny shapes).
 
@@ -439,12 +452,12 @@ def emulated_pair_sums(
     shuffle).
     """
     ext = _emulator("emulated_pair_sums", student)
-    path = choose_algorithm(algorithm, spec)
+    path = choose_algorithm(algorithm, spec, part)
     _check_fused_only(path, need_s or need_t, splits)
     if path == "two_pass" and (need_s or need_t):
         return _two_pass(ext, student, teacher, spec, need_s, need_t, "emulator", order=order)
     return _run(ext, student, teacher, spec, need_s, need_t, deterministic, "emulator", multiprocessors,
-                splits, order=order)
+                splits, part, order=order)
 
 
 def emulated_relation_pass(student: Features, teacher: Features, spec: RelationSpec,
