@@ -295,6 +295,7 @@ def load_videomae_teacher(
     device=None,
     dtype: Optional[torch.dtype] = None,
     trusted: bool = False,
+    attn_implementation: Optional[str] = "sdpa",
 ):
     """A frozen transformers ``VideoMAEModel`` holding the official VideoMAEv2 weights, for one input geometry.
 
@@ -308,6 +309,10 @@ def load_videomae_teacher(
         source_num_frames, source_image_size: the geometry the checkpoint's position table was made for
             (default: the checkpoint's metadata, else VideoMAEv2's 16 frames at 224x224).
         trusted: unpickle arbitrary objects in the file (``weights_only=False``); only for files you trust.
+        attn_implementation: transformers' attention for the teacher: ``"sdpa"`` (default: torch SDPA, which
+            picks flash/memory-efficient kernels on GPU; needed at native-grid sizes, where one clip is 32,400
+            tokens and eager attention would build 12 x 32,400^2 scores per layer), ``"flash_attention_2"``
+            (needs flash-attn) or ``"eager"``; None leaves transformers' choice.
     """
     transformers = require("transformers", "load_videomae_teacher")
     path = Path(checkpoint_path)
@@ -330,6 +335,8 @@ def load_videomae_teacher(
     if source_image_size is None:
         source_image_size = meta.get("source_image_size", SOURCE_IMAGE_SIZE)
     config = videomae_v2_config(num_frames, image_size, arch)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     model = transformers.VideoMAEModel(config)
     mapped, pos_embed = convert_videomae_v2_state_dict(state_dict, model)
     model.load_state_dict(mapped, strict=True)
