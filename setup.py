@@ -4,8 +4,8 @@ The package is pure Python plus optional compiled parts; it installs without a G
 torch is a dependency but never pinned here: install the build that fits your machine first.
 
 Compiled parts (CMakeLists.txt, csrc/README.md): ``_C_cpu`` (the CPU twin, any C++17 compiler),
-``_C_cuda`` (the CUDA kernels: fused, relation pass, gradient pass; nvcc) and ``_C_emulator`` (the kernels' code on the CPU, for tests; built
-with ``_C_cuda``). None links libtorch. A part that cannot be built is skipped
+``_C_cuda`` (the CUDA kernels: fused, relation pass, gradient pass; nvcc) and ``_C_emulator`` (the
+kernels' code on the CPU, for tests; built with ``_C_cuda``). None links libtorch. A part that cannot be built is skipped
 with the reason printed and recorded in vrepa_kernels/_build_info.json; the install still succeeds.
 Switches: VREPA_SKIP_CUDA=1, VREPA_CUDA_ARCHS="80;90a", MAX_JOBS=N, VREPA_REQUIRE_CUDA=1 (fail instead
 of skipping when the CUDA part does not build).
