@@ -17,7 +17,8 @@ for ``2n`` to cover accumulators that truncate (tensor cores).
   reference is itself rounded, so its own ``eps`` is added.
 * Each element ``max(|D| - m, 0)`` is 1-Lipschitz in ``D``, so it moves by at most ``eps``, and only where
   ``|D| >= m - eps``; the loss of sample b moves by ``c_b * eps * #{kept pairs with |D| >= m - eps}`` plus
-  the summation's own rounding (a tree of ``log2(pairs)`` levels and up to ``N/16`` sequential blocks).
+  the summation's own rounding: ``gamma(N/2 + log2(pairs) + 8)`` of the loss (a thread of the CUDA kernel
+  adds up to half a row in sequence, then trees and float64 finish the sum).
 * A *tie* is a kept pair with ``| |D| - m | <= eps``: its sign ``P_ij = sign(D)[|D| > m]`` may come out as
   any value in ``S_ij`` (``0``, ``sign D``, and ``-sign D`` when ``|D| + m < eps``). The gradient of the sums
   w.r.t. the unit feature ``s_i`` is ``2 sum_j P_ij s_j``, and the normalisation's backward maps ``g`` to
@@ -209,7 +210,9 @@ class Allowance:
         """Allowed ``|got - exact|`` for the loss, in the loss's shape."""
         spec = self.spec
         per_sample = self.loss_scales * self.eps * self.may_act.sum(dim=(1, 2)).double()
-        steps = math.ceil(math.log2(max(2, spec.pairs_per_sample * spec.batch))) + math.ceil(spec.num_tokens / 16) + 4
+        # A thread may add up to half a row in sequence (the CUDA kernel's fragments: 32 of each 64-column
+        # tile), then a tree; the rest is in float64 or exact.
+        steps = math.ceil(spec.num_tokens / 2) + math.ceil(math.log2(max(2, spec.pairs_per_sample * spec.batch))) + 8
         summation = _gamma(steps, self.u_acc)
         if spec.reduction == "none":
             per = per_sample.reshape(exact_loss.shape) if exact_loss.dim() else per_sample[0]
