@@ -171,8 +171,12 @@ def test_arguments_need_local_paths_without_tiny():
         script.parse_args(["--output_dir", "x"])
     with pytest.raises(SystemExit):
         script.parse_args(["--tiny", "--num_frames", "10"])
-    args = script.parse_args(["--pretrained_model_name_or_path", "m", "--teacher_ckpt", "t", "--data_root", "d"])
-    assert (args.align_layer, args.projector_dim, args.trd_weight, args.trd_margin) == (18, 2048, 0.5, 0.1)
+    paths = ["--pretrained_model_name_or_path", "m", "--teacher_ckpt", "t", "--data_root", "d"]
+    args = script.parse_args(paths)
+    assert (args.align_layers, args.projector_dim, args.trd_weight, args.trd_margin) == ([18], 2048, 0.5, 0.1)
+    assert not args.native_grid
+    assert script.parse_args(paths + ["--align_layers", "8", "16"]).align_layers == [8, 16]
+    assert script.parse_args(paths + ["--align_layer", "5"]).align_layers == [5]  # the earlier flag
     assert (args.height, args.width, args.num_frames, args.mixed_precision) == (480, 720, 49, "bf16")
     # VideoREPA's recipe (finetune/configs/zero2.yaml, datasets/utils.py, datasets/data_transform.py, lora_trainer.py)
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.adam_weight_decay) == (0.9, 0.999, 1e-8, 1e-4)
