@@ -50,7 +50,7 @@ token grid and the teacher is run at the matching pixel size (:meth:`VideoREPA.t
 49x480x720 -> 24x30x45 = 32,400 tokens, teacher on 48 frames at 480x720; Wan 81x480x832 -> latent tokens
 21x30x52 (32,760), aligned 40x30x52 = 62,400, teacher on 80 frames at 480x832. VideoREPA shrinks the
 student to the teacher's 3,600 tokens because its ``bmm`` Grams grow as N^2; the blockwise loss does not
-(see examples/cogvideox/README.md for the memory per sample).
+(examples/wan/README.md has the memory per sample and the teacher's cost).
 
 **Several layers** (``align_layer=[8, 16]``; VideoREPA aligns one): each layer gets its own projector and
 downsampler, and the TRD losses are averaged.
