@@ -99,9 +99,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     transformer, vae, text, data_root, teacher_path = build_models(args, accelerator, weight_dtype)
     vae_spatial, vae_temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
     vae.to(device).requires_grad_(False).eval()
+    # No blanket .to(weight_dtype): from_pretrained(torch_dtype=...) keeps Wan's norms, RoPE and time embedder in
+    # fp32 (its _keep_in_fp32_modules), which a cast would undo; trainable weights become fp32 below anyway.
     transformer.to(device)
-    if next(transformer.parameters()).dtype != weight_dtype:
-        transformer.to(dtype=weight_dtype)
     common.set_trainable(transformer, args, LORA_TARGETS)
     latents_mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     latents_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
