@@ -1,8 +1,10 @@
-"""The Wan example on its tiny offline default (CPU): one short LoRA run with two aligned layers, its flags."""
+"""The Wan example on its tiny offline default (CPU): one short 2-process LoRA run with two aligned layers;
+its flags and noise schedule."""
 import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +28,24 @@ def _load_script():
     return module
 
 
-def test_tiny_lora_run_with_two_aligned_layers(tmp_path):
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tiny_lora_run_with_two_aligned_layers_on_two_processes(tmp_path):
     out_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--max_train_steps", "2", "--output_dir", str(out_dir),
+    # On a machine without GPUs, --multi_gpu makes accelerate start torchrun (gloo), as in the CogVideoX test.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(SCRIPT),
+           "--tiny", "--max_train_steps", "2", "--output_dir", str(out_dir),
            "--use_lora", "--rank", "4", "--lora_alpha", "4", "--align_layers", "1", "2",
            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     assert "WanTransformer3DModel block(s) [1, 2]" in out.stdout
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -50,6 +62,11 @@ def test_tiny_lora_run_with_two_aligned_layers(tmp_path):
     saved = torch.load(ckpt / "videorepa_helper.pt", weights_only=True)
     assert saved["config"]["align_layer"] == [1, 2] and saved["config"]["latent_layout"] == "BCFHW"
     assert {"projectors.0.0.weight", "projectors.1.0.weight", "downsamplers.1.weight"} <= set(saved["state_dict"])
+    # Each rank saw other clips: equal weights mean the LoRA and both layers' heads were all-reduced.
+    ranks = [json.loads((out_dir / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["trainable_checksum"] == ranks[1]["trainable_checksum"]
+    assert ranks[0]["helper_checksum"] == ranks[1]["helper_checksum"]
     # the rendered clips of the CogVideoX example's tiny module
     assert len((out_dir / "tiny_assets" / "data" / "videos.txt").read_text().split()) == 8
 
