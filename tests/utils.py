@@ -17,8 +17,8 @@ for ``2n`` to cover accumulators that truncate (tensor cores).
   reference is itself rounded, so its own ``eps`` is added.
 * Each element ``max(|D| - m, 0)`` is 1-Lipschitz in ``D``, so it moves by at most ``eps``, and only where
   ``|D| >= m - eps``; the loss of sample b moves by ``c_b * eps * #{kept pairs with |D| >= m - eps}`` plus
-  the summation's own rounding: ``gamma(N/2 + log2(pairs) + 8)`` of the loss (a thread of the CUDA kernel
-  adds up to half a row in sequence, then trees and float64 finish the sum).
+  the summation's own rounding: ``gamma(16 min(N, 64) + 4 + N/16 + log2(pairs))`` of the loss (fp32
+  chains: 16 lane sums per row of a 64 x 64 tile, column tiles in sequence; then trees and float64).
 * A *tie* is a kept pair with ``| |D| - m | <= eps``: its sign ``P_ij = sign(D)[|D| > m]`` may come out as
   any value in ``S_ij`` (``0``, ``sign D``, and ``-sign D`` when ``|D| + m < eps``). The gradient of the sums
   w.r.t. the unit feature ``s_i`` is ``2 sum_j P_ij s_j``, and the normalisation's backward maps ``g`` to
@@ -210,9 +210,11 @@ class Allowance:
         """Allowed ``|got - exact|`` for the loss, in the loss's shape."""
         spec = self.spec
         per_sample = self.loss_scales * self.eps * self.may_act.sum(dim=(1, 2)).double()
-        # A thread may add up to half a row in sequence (the CUDA kernel's fragments: 32 of each 64-column
-        # tile), then a tree; the rest is in float64 or exact.
-        steps = math.ceil(spec.num_tokens / 2) + math.ceil(math.log2(max(2, spec.pairs_per_sample * spec.batch))) + 8
+        # fp32 chains: a 64 x 64 tile's rows add 16 lane sums each in sequence (the CUDA kernel's CPU twin),
+        # column tiles of 16 or more add in sequence (Triton); then trees, float64 or exact.
+        n = spec.num_tokens
+        pairs = spec.pairs_per_sample * spec.batch
+        steps = 16 * min(n, 64) + 4 + math.ceil(n / 16) + math.ceil(math.log2(max(2, pairs)))
         summation = _gamma(steps, self.u_acc)
         if spec.reduction == "none":
             per = per_sample.reshape(exact_loss.shape) if exact_loss.dim() else per_sample[0]
