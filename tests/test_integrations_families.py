@@ -8,6 +8,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from vrepa_kernels import trd_loss_reference  # noqa: E402
+from vrepa_kernels.integrations.diffusers import FAMILIES as HELPER_FAMILIES  # noqa: E402
 from vrepa_kernels.integrations.diffusers import VideoREPA  # noqa: E402
 
 B, C, FR, H, W = 2, 4, 3, 12, 12  # latents: 3 frames of 12x12, 4 channels
@@ -243,3 +244,46 @@ def test_teacher_attention_implementation(tmp_path):
         with torch.no_grad():
             out[impl] = teacher(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(out["sdpa"], out["eager"], rtol=1e-4, atol=1e-5)
+
+
+def _tiny_vaes():
+    cog_vae = dict(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                   up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                   layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    ltx_blocks = dict(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                      layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, decoder_inject_noise=(False,) * 5,
+                      upsample_residual=(False,) * 4, upsample_factor=(1,) * 4)
+    # (name, VAE, pixel frames per later latent frame, strictly causal encoder)
+    return [
+        ("cogvideox", diffusers.AutoencoderKLCogVideoX(**cog_vae), 4, False),
+        ("wan", diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4), 4, True),
+        ("hunyuan", diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                                        layers_per_block=1, norm_num_groups=4,
+                                                        mid_block_add_attention=False), 4, False),
+        ("ltx", diffusers.AutoencoderKLLTXVideo(latent_channels=8, **ltx_blocks), 8, True),
+    ]
+
+
+def test_vae_temporal_mapping_behind_temporal_upsample():
+    """r*k + 1 pixel frames -> k + 1 latent frames; where the encoder is causal (Wan, LTX-Video), latent frame 0
+    sees pixel frame 0 only and frames 1 + r(j-1) .. rj reach latent frame j first. (CogVideoX's and HunyuanVideo's
+    GroupNorms take statistics over all frames, so there every latent frame sees every pixel frame a little.)"""
+    torch.manual_seed(0)
+    for name, vae, r, causal in _tiny_vaes():
+        x = torch.randn(1, 3, 2 * r + 1, 32, 32, generator=_gen(7))
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.mode()
+            assert z0.shape[2] == 3, name
+            model_class = {"cogvideox": "CogVideoXTransformer3DModel", "wan": "WanTransformer3DModel",
+                           "hunyuan": "HunyuanVideoTransformer3DModel", "ltx": "LTXVideoTransformer3DModel"}[name]
+            # the helper's upsampling: each later latent frame spans r / 2 teacher tubelets of 2 frames
+            assert HELPER_FAMILIES[model_class].temporal_upsample == r // 2, name
+            if not causal:
+                continue
+            for j in (1, 2):
+                y = x.clone()
+                y[:, :, 1 + r * (j - 1):1 + r * j] += 1.0
+                z = vae.encode(y).latent_dist.mode()
+                changed = [bool((z[:, :, k] - z0[:, :, k]).abs().max() > 1e-6) for k in range(3)]
+                assert changed == [k >= j for k in range(3)], (name, j, changed)

@@ -37,7 +37,10 @@ first pixel frame alone into the first latent frame and each later group of ``r`
 4, 4, 8: the last column) into one latent frame; ``4k + 1`` pixel frames give ``k + 1`` latent frames
 (``8k + 1`` for LTX-Video). The teacher (VideoMAEv2, tubelet 2) is fed the frames after the first, so each
 later latent frame spans ``r / 2`` teacher tubelets: the helper drops the first latent frame and upsamples
-the rest by ``temporal_upsample = r / 2`` (2, or 4 for LTX-Video).
+the rest by ``temporal_upsample = r / 2`` (2, or 4 for LTX-Video). Wan's and LTX-Video's encoders are causal
+frame by frame (latent frame 0 sees pixel frame 0 only); CogVideoX's and HunyuanVideo's GroupNorms take
+statistics over all frames, so there the mapping holds for where frames are pooled, not strictly for what
+each latent frame sees (tests/test_integrations_families.py checks both on tiny VAEs).
 
 **Alignment** (VideoREPA, arXiv 2505.23656; aHapBean/VideoREPA ``finetune/models/cogvideox_t2v_align``): the
 block's video tokens ``[B, F*H*W, C]`` (frame-major, then row-major) go through the projector MLP to the
