@@ -28,15 +28,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import impls as registry  # noqa: E402
-import measure  # noqa: E402
-import report  # noqa: E402
-from cases import Case, add_case_args, custom_cases  # noqa: E402
-
 from vrepa_kernels import trd_loss  # noqa: E402
 from vrepa_kernels.backends.torch_blockwise import strip_rows  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
 from vrepa_kernels.schedule import strips_for  # noqa: E402
+
+import impls as registry  # noqa: E402
+import measure  # noqa: E402
+import report  # noqa: E402
+from cases import Case, add_case_args, custom_cases  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKEND = "torch"  # the only backend with a CPU speed path

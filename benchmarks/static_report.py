@@ -337,7 +337,7 @@ def build(out_dir: Path, quick: bool = False, progress=print) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the cubins, SASS and the report")
-    p.add_argument("--quick", action="store_true", help="bf16 and fp16, fewer memory-minimal relations (what CI checks)")
+    p.add_argument("--quick", action="store_true", help="bf16 and fp16, fewer memory-minimal variants (CI)")
     args = p.parse_args(argv)
     build(args.out, args.quick)
     print((args.out / "static_report.md").read_text())

@@ -14,13 +14,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import impls as registry  # noqa: E402
-import report  # noqa: E402
 import run  # noqa: E402
 import sequence_parallel  # noqa: E402
-from cases import PRESETS, Case, useful_flops  # noqa: E402
+
 from vrepa_kernels import trd_loss_reference  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
+
+import impls as registry  # noqa: E402
+import report  # noqa: E402
+from cases import PRESETS, Case, useful_flops  # noqa: E402
 
 try:
     import pytest_benchmark  # noqa: F401

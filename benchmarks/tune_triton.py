@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
 from vrepa_kernels.backends import triton_kernels  # noqa: E402
 from vrepa_kernels.features import Features  # noqa: E402
 from vrepa_kernels.relation import RelationSpec  # noqa: E402
 
+import measure  # noqa: E402
 
 TILES = {True: [(64, 64), (128, 128)], False: [(64, 64), (64, 128), (128, 64), (128, 128), (64, 256)]}
 

@@ -11,6 +11,7 @@ import torch
 RELATIONS = ("full", "spatial", "temporal")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}  # C++ twin: enum Relation in csrc/trd_shared.h
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def canonicalize(
     if student.dim() == 4:
         b, f, t = student.shape[:3]
         if num_frames is not None and num_frames != f:
-            raise ValueError(f"num_frames={num_frames} disagrees with the 4-D input's {f} frames (shape {_shape(student)})")
+            raise ValueError(f"num_frames={num_frames} disagrees with the 4-D input's {f} frames "
+                             f"(shape {_shape(student)})")
         num_frames = f
         student = student.reshape(b, f * t, student.shape[-1])
         teacher = teacher.reshape(b, f * t, teacher.shape[-1])

@@ -34,7 +34,7 @@ import torch
 
 from .. import sign_map
 from ..features import Features
-from ..relation import RelationSpec
+from ..relation import RELATION_CODES, RelationSpec
 from ..schedule import strips_for
 
 try:
@@ -48,7 +48,6 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
     triton = SimpleNamespace(jit=lambda fn: fn)
     tl = SimpleNamespace(constexpr=None)
 
-RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}  # C++ twin: vrepa::Relation in csrc/trd_shared.h
 ALGORITHMS = ("auto", "two_pass", "memory_minimal")
 MAP_BUDGET_BYTES = 1 << 30  # "auto": the two-pass path when one sample's sign map fits in 1 GiB
 MAP_TILE = sign_map.MAP_TILE
