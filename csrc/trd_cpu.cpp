@@ -451,8 +451,9 @@ void cpu_relation_pass(const TrdArgs& a, int dtype, int threads) {
           float row_sum = 0.0f;
           for (int jj = 0; jj < kMapTile; ++jj) {
             const int j = col0 + jj;
-            const float gap = gram_s[ii * kMapTile + jj] * (s.inv[i] * s.inv[j]) -
-                              gram_t[ii * kMapTile + jj] * (t.inv[i] * t.inv[j]);
+            // The kernel's algebra: (Gs (a_i / b_i)(a_j / b_j) - Gt) b_i b_j, a/b the inverse norms.
+            const float ratio = (s.inv[i] / t.inv[i]) * (s.inv[j] / t.inv[j]);
+            const float gap = (gram_s[ii * kMapTile + jj] * ratio - gram_t[ii * kMapTile + jj]) * (t.inv[i] * t.inv[j]);
             const bool keep = i < n && j < n && keep_frames(a.relation, i / tpf, j / tpf);
             row_sum += keep ? element_loss(gap, a.margin) : 0.0f;
             codes[ii * kMapTile + jj] = static_cast<unsigned char>(keep ? pair_code(gap, a.margin) : kCodeNone);

@@ -1,10 +1,12 @@
 // The two-pass training path (issue 13): no atomics, each output written once, bitwise deterministic.
 //
 //  * relation pass: one CTA per 128x128 tile (I, J), I <= J, of the linearised upper triangle (every tile
-//    the same work, so the grid is balanced). D = (S_I S_J^T) a_I a_J^T - (T_I T_J^T) b_I b_J^T from the raw
-//    inputs (normalisation fused as in the fused kernel: the inverse norms scale the fp32 accumulators once,
-//    after the last chunk of each operand), feature slices of 128 bytes staged by cp.async in 3 stages,
-//    ldmatrix + mma.sync for bf16/fp16, FMA for fp32. The epilogue writes the tile's loss sum (off-diagonal
+//    the same work, so the grid is balanced). D from the raw inputs and the inverse norms a (student), b
+//    (teacher) in one fp32 accumulator: acc = S_I S_J^T, scaled once by (a_i / b_i)(a_j / b_j) after the
+//    last student slice, minus T_I T_J^T (the A operand's sign flipped, exact), times b_i b_j in the
+//    epilogue; the same algebra as the Triton relation pass, and half the registers of two accumulators
+//    (128 for bf16/fp16: two CTAs per SM on sm_90). Feature slices of 128 bytes staged by cp.async in 3
+//    stages, ldmatrix + mma.sync for bf16/fp16, FMA for fp32. The epilogue writes the tile's loss sum (off-diagonal
 //    tiles count twice) and its 2-bit codes into the sign map (trd_shared.h, sign_map.py).
 //  * gradient pass: one CTA per 128 rows x 128 features of G = scale * P U (U: unit rows of s or t, one
 //    normalised copy made before the pass, so nothing is rescaled inside the K loop). The K loop walks the
@@ -121,15 +123,21 @@ __device__ __forceinline__ void stage_block(T* tile, const T* x, int64_t stride_
   }
 }
 
-// bf16/fp16: acc[m][n] += sum_k A(m, k) B(n, k) over kDepth, ldmatrix for both operands, mma.sync m16n8k16.
+// bf16/fp16: acc[m][n] += sum_k A(m, k) B(n, k) over kDepth (-= when `negate`), ldmatrix for both operands,
+// mma.sync m16n8k16.
 template <Layout kA, Layout kB, int kDepth, int kStrideA, int kStrideB, class T>
-__device__ __forceinline__ void pass_mma(PassAcc& acc, const T* a, const T* b, int lane) {
+__device__ __forceinline__ void pass_mma(PassAcc& acc, const T* a, const T* b, int lane, bool negate = false) {
 #pragma unroll
   for (int k = 0; k < kDepth; k += 16) {
     uint32_t af[kPassMmaM][4], bf[kPassMmaN][2];
 #pragma unroll
     for (int mi = 0; mi < kPassMmaM; ++mi)
       ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, kStrideA));
+    if (negate)  // flip the sign bits of the 16-bit A values: exact
+#pragma unroll
+      for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) af[mi][q] ^= 0x80008000u;
 #pragma unroll
     for (int nj = 0; nj < kPassMmaN / 2; ++nj) {
       uint32_t r[4];
@@ -148,7 +156,8 @@ __device__ __forceinline__ void pass_mma(PassAcc& acc, const T* a, const T* b, i
 
 // fp32 Gram product, A [m][k] and B [n][k]: 4-deep dot products from float4 rows.
 template <int kDepth, int kStride>
-__device__ __forceinline__ void pass_fma_rows(PassAcc& acc, const float* a, const float* b, int lane) {
+__device__ __forceinline__ void pass_fma_rows(PassAcc& acc, const float* a, const float* b, int lane, bool negate) {
+  const float sign = negate ? -1.0f : 1.0f;
 #pragma unroll 1
   for (int k = 0; k < kDepth; k += 4) {
     float4 bv[kPassMmaN][2];
@@ -160,7 +169,8 @@ __device__ __forceinline__ void pass_fma_rows(PassAcc& acc, const float* a, cons
     for (int mi = 0; mi < kPassMmaM; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float4 x = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * kStride + k);
+        float4 x = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * kStride + k);
+        x = make_float4(sign * x.x, sign * x.y, sign * x.z, sign * x.w);
 #pragma unroll
         for (int ni = 0; ni < kPassMmaN; ++ni)
 #pragma unroll
@@ -201,14 +211,15 @@ __device__ __forceinline__ void pass_fma_outer(PassAcc& acc, const float* a, con
   }
 }
 
-// The Gram product of one staged slice: this warp's 64 rows of the row tile against its 32 columns.
+// The Gram product of one staged slice: this warp's 64 rows of the row tile against its 32 columns, added to
+// acc, or subtracted when `negate` (the teacher's slices).
 template <class T>
-__device__ __forceinline__ void gram_slice(PassAcc& acc, const T* rows, const T* cols, int lane) {
+__device__ __forceinline__ void gram_slice(PassAcc& acc, const T* rows, const T* cols, int lane, bool negate) {
   constexpr int S = rel_stride<T>();
   if constexpr (ElementTraits<T>::kTensorCores) {
-    pass_mma<Layout::kOutputMajor, Layout::kOutputMajor, slice_elems<T>(), S, S>(acc, rows, cols, lane);
+    pass_mma<Layout::kOutputMajor, Layout::kOutputMajor, slice_elems<T>(), S, S>(acc, rows, cols, lane, negate);
   } else {
-    pass_fma_rows<slice_elems<T>(), S>(acc, rows, cols, lane);
+    pass_fma_rows<slice_elems<T>(), S>(acc, rows, cols, lane, negate);
   }
 }
 
@@ -243,8 +254,16 @@ __device__ __forceinline__ uint32_t pack_word(const unsigned char* codes) {
 // Pass 1: the relation pass
 // ---------------------------------------------------------------------------------------------------
 
+// Two CTAs per SM (128 registers) for bf16/fp16 where two fit the shared memory (sm_90: 2 x 108 KB); one on
+// sm_80 (164 KB per SM) and for fp32, which would spill at 128 registers.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define VREPA_RELATION_MIN_BLOCKS(T) 1
+#else
+#define VREPA_RELATION_MIN_BLOCKS(T) (ElementTraits<T>::kTensorCores ? 2 : 1)
+#endif
+
 template <class T>
-VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
+VREPA_PASS_KERNEL(VREPA_RELATION_MIN_BLOCKS(T)) trd_relation_pass_kernel(const TrdArgs args) {
   constexpr int S = rel_stride<T>();
   constexpr int kElems = rel_tile_elems<T>();
   constexpr int kSlice = slice_elems<T>();
@@ -294,7 +313,8 @@ VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
     cp_async_commit();  // empty groups past the end keep the wait count uniform
   };
 
-  PassAcc gap, acc = {};
+  // One accumulator for both Grams: acc = S_I S_J^T (a_i / b_i)(a_j / b_j) - T_I T_J^T, then D = acc b_i b_j.
+  PassAcc acc = {};
   issue(0);
   issue(1);
   for (int c = 0; c < chunks; ++c) {
@@ -302,19 +322,30 @@ VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
     block_sync();                  // ... everyone's, and every warp is done with slice c - 1's stage
     issue(c + kStages - 1);        // refills that stage
     const T* stage = smem + (c % kStages) * 2 * kElems;
-    gram_slice<T>(acc, stage + pass_warp_row0(warp) * S, stage + kElems + pass_warp_col0(warp) * S, lane);
-    if (c == s_chunks - 1) {  // student done: gap = Gs (scaled once), the accumulator restarts for the teacher
+    gram_slice<T>(acc, stage + pass_warp_row0(warp) * S, stage + kElems + pass_warp_col0(warp) * S, lane, c >= s_chunks);
+    if (c == s_chunks - 1) {  // student done: rescale once, then the teacher slices subtract
+      // a / b of the 8 rows and 8 columns this thread holds (16 divisions, not one per element)
+      float row_ratio[kPassMmaM][2], col_ratio[kPassMmaN][2];
+#pragma unroll
+      for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = row0 + pass_tile_row(thread, mi, 2 * h);
+          row_ratio[mi][h] = i < n ? s.inv[i] / t.inv[i] : 0.0f;
+        }
+#pragma unroll
+      for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = col0 + pass_tile_col(thread, ni, e);
+          col_ratio[ni][e] = j < n ? s.inv[j] / t.inv[j] : 0.0f;
+        }
 #pragma unroll
       for (int mi = 0; mi < kPassMmaM; ++mi)
 #pragma unroll
         for (int ni = 0; ni < kPassMmaN; ++ni)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int i = row0 + pass_tile_row(thread, mi, r), j = col0 + pass_tile_col(thread, ni, r);
-            const float scale = (i < n ? s.inv[i] : 0.0f) * (j < n ? s.inv[j] : 0.0f);
-            gap[mi][ni][r] = acc[mi][ni][r] * scale;
-            acc[mi][ni][r] = 0.0f;
-          }
+          for (int r = 0; r < 4; ++r) acc[mi][ni][r] *= row_ratio[mi][r >> 1] * col_ratio[ni][r & 1];
     }
   }
   cp_async_wait<0>();
@@ -323,6 +354,21 @@ VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
   // every warp has passed this barrier).
   block_sync();
   unsigned char* codes = reinterpret_cast<unsigned char*>(smem);
+  float row_scale[kPassMmaM][2], col_scale[kPassMmaN][2];  // b of this thread's rows and columns
+#pragma unroll
+  for (int mi = 0; mi < kPassMmaM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = row0 + pass_tile_row(thread, mi, 2 * h);
+      row_scale[mi][h] = i < n ? t.inv[i] : 0.0f;
+    }
+#pragma unroll
+  for (int ni = 0; ni < kPassMmaN; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = col0 + pass_tile_col(thread, ni, e);
+      col_scale[ni][e] = j < n ? t.inv[j] : 0.0f;
+    }
   float tile_sum = 0.0f;
 #pragma unroll
   for (int mi = 0; mi < kPassMmaM; ++mi)
@@ -332,8 +378,7 @@ VREPA_PASS_KERNEL(1) trd_relation_pass_kernel(const TrdArgs args) {
       for (int r = 0; r < 4; ++r) {
         const int ii = pass_tile_row(thread, mi, r), jj = pass_tile_col(thread, ni, r);
         const int i = row0 + ii, j = col0 + jj;
-        const float t_scale = (i < n ? t.inv[i] : 0.0f) * (j < n ? t.inv[j] : 0.0f);
-        const float d = gap[mi][ni][r] - acc[mi][ni][r] * t_scale;
+        const float d = acc[mi][ni][r] * (row_scale[mi][r >> 1] * col_scale[ni][r & 1]);
         const bool keep = i < n && j < n && keep_frames(relation, i / tpf, j / tpf);
         tile_sum += keep ? element_loss(d, margin) : 0.0f;
         codes[ii * kMapTile + jj] = static_cast<unsigned char>(keep ? pair_code(d, margin) : kCodeNone);
