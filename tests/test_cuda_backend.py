@@ -745,8 +745,10 @@ def test_two_pass_kernels_compile_without_spills_atomics_or_gpu_fences(built_cub
     tool, cubins = built_cubins
     run = lambda *args: subprocess.run([tool, *args], check=True, capture_output=True, text=True).stdout
     seen = set()
+    archs = {cubin.name.split(".")[-2] for cubin in cubins}  # ..._C_cuda.<k>.sm_90a.cubin
+    sass_arch = "sm_90a" if "sm_90a" in archs else max(archs)  # disassembling is slow: one arch
     for cubin in cubins:
-        arch = cubin.name.split(".")[-2]  # ..._C_cuda.<k>.sm_90a.cubin
+        arch = cubin.name.split(".")[-2]
         for name, usage in resource_usage(run("-res-usage", str(cubin))).items():
             role = next((r for r in ("relation_pass", "gradient_pass", "fused") if r in name), None)
             if role is None:
@@ -755,13 +757,13 @@ def test_two_pass_kernels_compile_without_spills_atomics_or_gpu_fences(built_cub
             if role != "fused":
                 assert usage["STACK"] == 0 and usage["LOCAL"] == 0, (arch, name, usage)  # no spills
                 assert usage["REG"] <= 255, (arch, name, usage)
-        if arch != "sm_90a":
+        if arch != sass_arch:
             continue
         for name, ops in sass_opcodes(run("-sass", str(cubin))).items():
             bases = [op.split(".")[0] for op in ops]
             half = "bfloat16" in name or "half" in name
             if "fused" in name and half:  # the memory-minimal kernel's relaxed reductions: the parser sees them
-                assert "REDG" in bases, name
+                assert GLOBAL_ATOMICS & set(bases), name
             if "relation_pass" not in name and "gradient_pass" not in name:
                 continue
             assert not {"STL", "LDL"} & set(bases), name
@@ -772,8 +774,8 @@ def test_two_pass_kernels_compile_without_spills_atomics_or_gpu_fences(built_cub
             assert "LDGSTS" in bases, name  # cp.async staging
             if half:
                 assert "LDSM" in bases, name  # ldmatrix
-    archs = {arch for arch, _ in seen}
-    assert "sm_90a" in archs or not cuda_backend._cuda_ext.sass_archs, seen
+    built = {f"sm_{a}" for a in cuda_backend._cuda_ext.sass_archs.split(",") if a}
+    assert built <= archs, (built, archs)
     for arch in archs:
         assert {(arch, r) for r in ("relation_pass", "gradient_pass", "fused")} <= seen, seen
 
