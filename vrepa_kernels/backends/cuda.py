@@ -18,6 +18,7 @@ Two training paths (``algorithm=``):
 * ``"auto"``: two-pass unless the map exceeds :data:`MAP_BUDGET_BYTES` (1 GiB).
 
 A loss-only call (no gradient) runs the fused kernel without atomics whatever ``algorithm`` says.
+Sequence parallelism (``part=(rank, world)``) runs the fused kernel on that rank's share of the work items.
 
 All return what every backend returns: per-sample sums ``[B]`` (fp32), ``d sum / d s_hat = 2 P s_hat`` and
 ``d sum / d t_hat = -2 P t_hat`` (fp32, or None), with ``P_ij = sign(D_ij) [|D_ij| > margin] keep_ij``.
@@ -259,7 +260,8 @@ def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[in
 
 
 def _per_frame(student: Features, teacher: Features, spec: RelationSpec):
-    """Same-frame pairs of B samples are all pairs of B * F one-frame samples (as the torch backend runs them)."""
+    """Same-frame pairs of B samples are all pairs of B * F one-frame samples (as the torch backend runs them):
+    the features and spec of those samples."""
     frames, tpf = spec.num_frames, spec.tokens_per_frame
     if tpf < 1 or spec.num_tokens % tpf:
         raise ValueError(f"tokens_per_frame={tpf} must be >= 1 and divide n={spec.num_tokens}")
@@ -302,28 +304,29 @@ def _gradient_pass(ext, words: torch.Tensor, feats: Features, scale: float, **la
     return g
 
 
+def _map_samples(student: Features, teacher: Features, spec: RelationSpec):
+    """The samples the map is made of: the call's own, or for spatial its B * F one-frame samples."""
+    if spec.relation == "spatial":
+        return _per_frame(student, teacher, spec)
+    return student, teacher, spec
+
+
 def _two_pass(ext, student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
               backend: str, **launch):
-    frames = 1
-    if spec.relation == "spatial":
-        frames = spec.num_frames
-        student, teacher, spec = _per_frame(student, teacher, spec)
+    batch = spec.batch
+    student, teacher, spec = _map_samples(student, teacher, spec)
     sums, words = _relation_pass(ext, student, teacher, spec, backend, **launch)
     g_s = _gradient_pass(ext, words, student, 2.0, **launch) if need_s else None
     g_t = _gradient_pass(ext, words, teacher, -2.0, **launch) if need_t else None
-    batch = sums.shape[0] // frames
     unflatten = lambda g: None if g is None else g.reshape(batch, -1, g.shape[-1])
-    return sums.reshape(batch, frames).sum(dim=1).to(torch.float32), unflatten(g_s), unflatten(g_t)
+    return sums.reshape(batch, -1).sum(dim=1).to(torch.float32), unflatten(g_s), unflatten(g_t)
 
 
 def _relation_pass_public(ext, student: Features, teacher: Features, spec: RelationSpec, backend: str, **launch):
     """(per-sample fp32 sums, int32 map); spatial: the map of the B * F one-frame samples."""
-    frames = 1
-    if spec.relation == "spatial":
-        frames = spec.num_frames
-        student, teacher, spec = _per_frame(student, teacher, spec)
-    sums, words = _relation_pass(ext, student, teacher, spec, backend, **launch)
-    return sums.reshape(-1, frames).sum(dim=1).to(torch.float32), words
+    batch = spec.batch
+    sums, words = _relation_pass(ext, *_map_samples(student, teacher, spec), backend, **launch)
+    return sums.reshape(batch, -1).sum(dim=1).to(torch.float32), words
 
 
 def _device_launch(device: torch.device):
