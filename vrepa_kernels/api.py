@@ -7,9 +7,10 @@ import torch
 
 from . import backends
 from .distributed import sequence_parallel_trd_loss
-from .op import ALGORITHMS, LossCall, blockwise_trd_loss, check_finite_inputs
+from .op import LossCall, blockwise_trd_loss, check_finite_inputs
 from .reference import reference_loss
 from .relation import canonicalize
+from .sign_map import ALGORITHMS
 
 BACKENDS = ("auto", "reference") + tuple(backends.REGISTRY)
 

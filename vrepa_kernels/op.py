@@ -30,8 +30,6 @@ from .backends.torch_blockwise import sign_product
 from .features import NORMALIZE_EPS, Features, accumulation_dtype, normalize_backward
 from .relation import RelationSpec
 
-ALGORITHMS = ("auto", "two_pass", "memory_minimal")
-
 
 def reduction_scale(spec: RelationSpec) -> float:
     """d(loss)/d(sum_b): the factor ``c`` of the reduction."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 MAP_TILE = 128  # C++ twin: kMapTile in csrc/trd_shared.h
+ALGORITHMS = ("auto", "two_pass", "memory_minimal")  # trd_loss(algorithm=): with the map, or without it
+MAP_BUDGET_BYTES = 1 << 30  # "auto" takes the two-pass path while the map fits 1 GiB
 CODES_PER_WORD = 16
 WORDS_PER_ROW = MAP_TILE // CODES_PER_WORD
 CODE_NONE, CODE_PLUS, CODE_MINUS, CODE_NONFINITE = 0, 1, 2, 3

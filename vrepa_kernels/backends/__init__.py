@@ -76,7 +76,7 @@ REGISTRY = {
                      splits_across_ranks=True, second_order=True),
     "triton": Backend("triton", "triton_kernels", ("cuda", "cpu"), LOW_PRECISION, splits_across_ranks=True,
                       second_order=True, unavailable=_triton_unavailable),
-    "cuda": Backend("cuda", "cuda", ("cuda",), LOW_PRECISION, splits_across_ranks=False, second_order=True,
+    "cuda": Backend("cuda", "cuda", ("cuda",), LOW_PRECISION, splits_across_ranks=True, second_order=True,
                     unavailable=_cuda_unavailable),
 }
 

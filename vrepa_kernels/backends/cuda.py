@@ -36,12 +36,10 @@ import torch
 
 from .. import sign_map
 from ..features import Features
-from ..relation import RelationSpec
+from ..relation import RELATION_CODES, RelationSpec
+from ..sign_map import ALGORITHMS, MAP_BUDGET_BYTES
 
-RELATION_CODES = {"full": 0, "spatial": 1, "temporal": 2}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ALGORITHMS = ("auto", "two_pass", "memory_minimal")
-MAP_BUDGET_BYTES = 1 << 30  # "auto" falls back to the memory-minimal path above this map size
 BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
 
 

@@ -36,6 +36,7 @@ from .. import sign_map
 from ..features import Features
 from ..relation import RELATION_CODES, RelationSpec
 from ..schedule import strips_for
+from ..sign_map import ALGORITHMS, MAP_BUDGET_BYTES
 
 try:
     import triton
@@ -48,8 +49,6 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
     triton = SimpleNamespace(jit=lambda fn: fn)
     tl = SimpleNamespace(constexpr=None)
 
-ALGORITHMS = ("auto", "two_pass", "memory_minimal")
-MAP_BUDGET_BYTES = 1 << 30  # "auto": the two-pass path when one sample's sign map fits in 1 GiB
 MAP_TILE = sign_map.MAP_TILE
 
 
