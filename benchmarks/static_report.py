@@ -7,7 +7,8 @@
    sm_80, and takes the CUDA backend's kernels from the built extension's cubins (sm_90a, sm_80).
 2. Writes each kernel's cubin and SASS under DIR and ``DIR/static_report.json``: one record per kernel
    with registers, spill bytes, shared memory and SASS instruction counts (HGMMA, HMMA, ATOMG, REDG, MEMBAR,
-   LDGSTS, UTMALDG).
+   LDGSTS, UTMALDG). The CUDA kernels' dynamic shared memory is sized at launch and is not in the cubin:
+   their ``shared_bytes`` is the static part only (``shared_is_static_only``; sizes in csrc/README.md).
 3. Adds a *modelled* time (a roofline with the assumptions written beside it, never a measurement) for
    each path at the shapes of the GPU benchmark, on H100 and H200, and writes ``DIR/static_report.md``.
 
@@ -206,7 +207,8 @@ def cuda_records(out_dir: Path) -> list:
                                     default_training=role in ("relation_pass", "gradient_pass"),
                                     cubin=str(dest.relative_to(out_dir)), sass=str(sass_file.relative_to(out_dir)),
                                     registers=res["REG"], spill_bytes=res["STACK"] + res.get("LOCAL", 0),
-                                    shared_bytes=res.get("SHARED", 0), **sass_counts(sass)))
+                                    shared_bytes=res.get("SHARED", 0), shared_is_static_only=True,
+                                    **sass_counts(sass)))
         return records
 
 
