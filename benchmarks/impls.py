@@ -125,7 +125,7 @@ def kernel_loss(case: Case, pair_sums) -> LossFn:
 
 def _triton_acqrel(case: Case, device: torch.device) -> LossFn:
     """The memory-minimal Triton kernel with the acq_rel atomics it shipped with (one run settles a model)."""
-    from vrepa_kernels.backends import triton_kernels as tk
+    from vrepa_kernels.backends import triton_backend as tk
 
     if case.mode != "fwd+bwd":
         raise Unavailable("the atomics run in training passes only")
@@ -133,7 +133,7 @@ def _triton_acqrel(case: Case, device: torch.device) -> LossFn:
     if not any(takes(k, "ATOMIC_SEM") for k in vars(tk).values()):
         raise Unavailable("no Triton kernel in this checkout takes the ATOMIC_SEM config key")
     if "algorithm" not in inspect.signature(tk.pair_sums).parameters:
-        raise Unavailable("triton_kernels.pair_sums takes no algorithm= keyword in this checkout")
+        raise Unavailable("triton_backend.pair_sums takes no algorithm= keyword in this checkout")
     _check_backend("triton", case, device)
     config = {**tk.default_config(case.torch_dtype), "ATOMIC_SEM": "acq_rel"}
     return kernel_loss(case, lambda fs, ft, spec: tk.pair_sums(fs, ft, spec, True, False, algorithm="memory_minimal",
@@ -173,7 +173,7 @@ def default_impl(case: Case, student: torch.Tensor, teacher: torch.Tensor) -> st
     backend = resolve_backend("auto", student.device, student.dtype, spec)
     if backend not in ("triton", "cuda") or case.mode == "fwd":
         return backend
-    module = importlib.import_module("vrepa_kernels.backends." + ("triton_kernels" if backend == "triton" else "cuda"))
+    module = importlib.import_module(f"vrepa_kernels.backends.{backend}_backend")
     extra = (student.dtype, student.device) if backend == "triton" else ()
     return backend + ("-minimal" if module.choose_algorithm("auto", spec, None, *extra) == "memory_minimal" else "")
 

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vrepa_kernels import trd_loss  # noqa: E402
-from vrepa_kernels.backends.torch_blockwise import strip_rows  # noqa: E402
+from vrepa_kernels.backends.torch_backend import strip_rows  # noqa: E402
 from vrepa_kernels.relation import canonicalize  # noqa: E402
 from vrepa_kernels.schedule import strips_for  # noqa: E402
 

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vrepa_kernels import sign_map  # noqa: E402
-from vrepa_kernels.backends import triton_kernels as tk  # noqa: E402
+from vrepa_kernels.backends import triton_backend as tk  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}

@@ -180,7 +180,7 @@ def test_default_column_follows_the_map_budget(backend, monkeypatch):
 @pytest.mark.parametrize("relation", ["full", "temporal"])
 def test_kernel_loss_wrapper_matches_the_reference(relation):
     # triton-acqrel's wrapper around a bare pair_sums, checked here with the torch backend's.
-    from vrepa_kernels.backends.torch_blockwise import pair_sums
+    from vrepa_kernels.backends.torch_backend import pair_sums
 
     case = Case(batch=2, frames=3, tokens_per_frame=8, ds=24, dt=16, relation=relation)
     student, teacher = registry.make_inputs(case, torch.device("cpu"))

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vrepa_kernels.backends import triton_kernels  # noqa: E402
+from vrepa_kernels.backends import triton_backend  # noqa: E402
 from vrepa_kernels.features import Features  # noqa: E402
 from vrepa_kernels.relation import RelationSpec  # noqa: E402
 
@@ -34,7 +34,7 @@ TILES = {True: [(64, 64), (128, 128)], False: [(64, 64), (64, 128), (128, 64), (
 def candidates(symmetric: bool, quick: bool = False):
     """About 16 symmetric and 40 row-owned configs: a few minutes per dtype on an H100 (quick: the default)."""
     if quick:
-        yield triton_kernels.default_config(torch.bfloat16, symmetric)
+        yield triton_backend.default_config(torch.bfloat16, symmetric)
         return
     for (bm, bn), bd, warps, stages in itertools.product(TILES[symmetric], (32, 64), (4, 8), (2, 3)):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd, num_warps=warps, num_stages=stages)
@@ -65,9 +65,9 @@ def tune(dtype: torch.dtype, n: int, d: int, reps: int, quick: bool = False):
     spec = RelationSpec(1, n, "full")
     results = {"two_pass": tune_two_pass(dtype, feats_s, feats_t, spec, reps, quick)}
     for schedule, symmetric in (("symmetric", True), ("row_owned", False)):
-        run = lambda cfg: triton_kernels.pair_sums(feats_s, feats_t, spec, True, False, not symmetric,
+        run = lambda cfg: triton_backend.pair_sums(feats_s, feats_t, spec, True, False, not symmetric,
                                                    algorithm="memory_minimal", config=cfg)
-        base_sums, base_grad, _ = run(triton_kernels.kernel_config(dtype, s.device, symmetric))
+        base_sums, base_grad, _ = run(triton_backend.kernel_config(dtype, s.device, symmetric))
         rows = []
         for cfg in candidates(symmetric, quick):
             try:
@@ -87,9 +87,9 @@ def tune(dtype: torch.dtype, n: int, d: int, reps: int, quick: bool = False):
 
 def tune_two_pass(dtype, feats_s, feats_t, spec, reps, quick=False):
     """The fastest relation-pass config (map written), then the fastest gradient-pass config on that map."""
-    default = triton_kernels.two_pass_config(dtype, feats_s.values.device)
-    base_sums, base_map = triton_kernels.relation_pass(feats_s, feats_t, spec, config=default["relation"])
-    base_grad = triton_kernels.gradient_pass(feats_s, base_map, config=default["gradient"])
+    default = triton_backend.two_pass_config(dtype, feats_s.values.device)
+    base_sums, base_map = triton_backend.relation_pass(feats_s, feats_t, spec, config=default["relation"])
+    base_grad = triton_backend.gradient_pass(feats_s, base_map, config=default["gradient"])
     relation, gradient = two_pass_candidates(quick)
     best, total = {}, 0.0
     for part, configs in (("relation", relation), ("gradient", gradient)):
@@ -97,11 +97,11 @@ def tune_two_pass(dtype, feats_s, feats_t, spec, reps, quick=False):
         for cfg in configs:
             try:
                 if part == "relation":
-                    run = lambda: triton_kernels.relation_pass(feats_s, feats_t, spec, config=cfg)
+                    run = lambda: triton_backend.relation_pass(feats_s, feats_t, spec, config=cfg)
                     sums, words = run()
                     ok = torch.allclose(sums, base_sums, rtol=1e-4) and torch.equal(words, base_map)
                 else:
-                    run = lambda: triton_kernels.gradient_pass(feats_s, base_map, config=cfg)
+                    run = lambda: triton_backend.gradient_pass(feats_s, base_map, config=cfg)
                     ok = torch.allclose(run(), base_grad, rtol=1e-3, atol=1e-3 * base_grad.abs().max().item())
                 ms = time_ms(run, reps) if ok else float("nan")
             except Exception as exc:  # out of resources, compile errors: record and go on
@@ -129,7 +129,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("tune_triton.py needs a CUDA device")
     device = torch.cuda.get_device_name()
-    table = json.loads(triton_kernels.TUNED_CONFIGS.read_text()) if triton_kernels.TUNED_CONFIGS.exists() else {}
+    table = json.loads(triton_backend.TUNED_CONFIGS.read_text()) if triton_backend.TUNED_CONFIGS.exists() else {}
     for name in args.dtype:
         best = tune(getattr(torch, name), args.n, args.d, args.reps, args.quick)
         entry = {k: v[2] for k, v in best.items() if v}
@@ -144,8 +144,8 @@ def main(argv=None):
         print(f"== {device} {name}: {json.dumps(entry)}")
         table.setdefault(device, {})[name] = entry
     if args.write:
-        triton_kernels.TUNED_CONFIGS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {triton_kernels.TUNED_CONFIGS}")
+        triton_backend.TUNED_CONFIGS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {triton_backend.TUNED_CONFIGS}")
     if args.copy_to:
         args.copy_to.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
 

@@ -94,10 +94,10 @@ def test_use_deterministic_algorithms_is_bitwise_repeatable(backend):
 
 
 def test_without_triton_auto_still_works_and_triton_says_why(monkeypatch):
-    from vrepa_kernels.backends import triton_kernels
+    from vrepa_kernels.backends import triton_backend
 
-    monkeypatch.setattr(triton_kernels, "HAS_TRITON", False)
-    monkeypatch.setattr(triton_kernels, "IMPORT_ERROR", "ModuleNotFoundError('triton')")
+    monkeypatch.setattr(triton_backend, "HAS_TRITON", False)
+    monkeypatch.setattr(triton_backend, "IMPORT_ERROR", "ModuleNotFoundError('triton')")
     s, t = make_pair((1, 12, 4), 4)
     assert torch.isfinite(trd_loss(s, t))
     with pytest.raises(RuntimeError, match="triton is not installed"):

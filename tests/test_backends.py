@@ -75,7 +75,7 @@ def test_bfloat16_within_twice_naive_error(backend, relation, frames):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_is_exact(backend):
     if backend == "triton":
-        pytest.skip("the triton backend takes fp16/bf16/fp32 (tested in test_triton_kernels.py)")
+        pytest.skip("the triton backend takes fp16/bf16/fp32 (tested in test_triton_backend.py)")
     s, t = make_pair((2, 21, 9), 7, dtype=torch.float64, grad_teacher=True)
     assert_matches_reference(backend, s, t, relation="temporal", num_frames=3, reduction="none")
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from vrepa_kernels import backends, sign_map, trd_loss
-from vrepa_kernels.backends import cuda as cuda_backend
+from vrepa_kernels.backends import cuda_backend
 from vrepa_kernels.features import Features
 from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
 
@@ -659,9 +659,9 @@ def test_two_pass_agrees_with_the_fused_kernel_and_repeats_bitwise(relation, fra
 
 
 requires_triton_interpreter = pytest.mark.skipif(
-    "triton" not in cpu_backends() or not hasattr(importlib.import_module("vrepa_kernels.backends.triton_kernels"),
+    "triton" not in cpu_backends() or not hasattr(importlib.import_module("vrepa_kernels.backends.triton_backend"),
                                                   "relation_pass"),
-    reason="needs triton under TRITON_INTERPRET=1 and vrepa_kernels.backends.triton_kernels.relation_pass")
+    reason="needs triton under TRITON_INTERPRET=1 and vrepa_kernels.backends.triton_backend.relation_pass")
 
 
 @requires_emulator
@@ -672,7 +672,7 @@ requires_triton_interpreter = pytest.mark.skipif(
 def test_cuda_and_triton_maps_are_identical(dtype, relation, frames):
     # Exact gaps (signed one-hot tokens) plus a NaN token: no pair is a tie, so both maps must agree word for
     # word. Spatial: both run the B * F one-frame samples (Triton's relation_pass takes full/temporal specs).
-    from vrepa_kernels.backends import triton_kernels
+    from vrepa_kernels.backends import triton_backend
 
     s, t = one_hot_pair(2, 174, 40, 24, dtype, seed=5)  # 2 map tiles per side, the second ragged
     s[1, 100, 2] = float("nan")  # code 3 on a row and a column
@@ -680,7 +680,7 @@ def test_cuda_and_triton_maps_are_identical(dtype, relation, frames):
     cuda_sums, cuda_words = cuda_backend.emulated_relation_pass(fs, ft, spec)
     if relation == "spatial":
         fs, ft, spec = cuda_backend._per_frame(fs, ft, spec)
-    triton_sums, triton_words = triton_kernels.relation_pass(fs, ft, spec)
+    triton_sums, triton_words = triton_backend.relation_pass(fs, ft, spec)
     n = spec.num_tokens
     assert torch.equal(sign_map.unpack(cuda_words, n), sign_map.unpack(triton_words.cpu(), n))
     assert torch.equal(cuda_words, triton_words.cpu())

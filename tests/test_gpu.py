@@ -60,7 +60,7 @@ def test_deterministic_is_bitwise_repeatable_on_gpu(backend):
 
 def test_720p_grid_runs_and_matches_closed_form():
     # N = 21 * 45 * 80 = 75,600 (B * N^2 > 2^31): one-dimensional features give a closed-form loss
-    # (see test_torch_blockwise.py), and a D = 768 training pass completes without an N x N tensor.
+    # (see test_torch_backend.py), and a D = 768 training pass completes without an N x N tensor.
     n, margin = 75_600, 0.25
     s = torch.randn(1, n, 1, device="cuda")
     t = torch.randn(1, n, 1, device="cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vrepa_kernels import info
-from vrepa_kernels.backends import cuda as cuda_backend
+from vrepa_kernels.backends import cuda_backend
 
 LINE = re.compile(r"^cuda_extension: (built \(sm_\d+a?(, sm_\d+a?)*(, PTX compute_\d+)?\)|not built \(.+\))$")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vrepa_kernels.backends import triton_kernels
+from vrepa_kernels.backends import triton_backend
 
-pytestmark = pytest.mark.skipif(not triton_kernels.HAS_TRITON, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_backend.HAS_TRITON, reason="triton is not installed")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +31,7 @@ def report(tmp_path_factory):
     return data, out
 
 
-def triton_kernels_of(data, **where):
+def triton_backend_of(data, **where):
     rows = [r for r in data["kernels"] if r["backend"] == "triton"]
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
@@ -44,7 +44,7 @@ def test_every_record_has_the_promised_fields_and_files(report):
     for r in data["kernels"]:
         assert fields <= set(r), r["name"]
         assert (out / r["cubin"]).stat().st_size > 0 and r["registers"] > 0
-    roles = {r["role"] for r in triton_kernels_of(data)}
+    roles = {r["role"] for r in triton_backend_of(data)}
     assert {"relation_pass", "gradient_pass", "loss_only", "memory_minimal"} <= roles
     assert {r["arch"] for r in data["kernels"]} >= {"sm_80", "sm_90"}
 
@@ -63,23 +63,23 @@ def test_default_training_kernels_on_hopper_use_hgmma_without_spills_atomics_or_
 
 def test_default_training_kernels_on_ampere_use_tensor_cores_without_spills_or_atomics(report):
     data, _ = report
-    for r in triton_kernels_of(data, arch="sm_80", default_training=True):
+    for r in triton_backend_of(data, arch="sm_80", default_training=True):
         assert r["spill_bytes"] == 0 and r["HMMA"] > 0 and r["ATOMG"] + r["REDG"] == 0, r
 
 
 def test_memory_minimal_atomics_are_relaxed_and_the_acq_rel_variant_shows_the_fence(report):
     data, _ = report
-    relaxed = triton_kernels_of(data, role="memory_minimal")
+    relaxed = triton_backend_of(data, role="memory_minimal")
     assert {r["arch"] for r in relaxed} == {"sm_80", "sm_90"}  # sm_80 spells them RED.E: counted too
     assert all(r["REDG"] > 0 and r["ATOMG"] == 0 and r["MEMBAR_GPU"] == 0 for r in relaxed), relaxed
     # The check can fail: the shipped default before the two-pass path had a GPU-wide fence per atomic.
-    (acq_rel,) = triton_kernels_of(data, role="memory_minimal_acq_rel")
+    (acq_rel,) = triton_backend_of(data, role="memory_minimal_acq_rel")
     assert acq_rel["MEMBAR_GPU"] > 0 and acq_rel["ATOMG"] > 0
 
 
 def test_row_owned_schedule_has_no_atomics(report):
     data, _ = report
-    rows = triton_kernels_of(data, role="memory_minimal_row_owned")
+    rows = triton_backend_of(data, role="memory_minimal_row_owned")
     assert rows and all(r["ATOMG"] + r["REDG"] == 0 for r in rows)
 
 
@@ -99,5 +99,5 @@ def test_the_model_is_labelled_and_favours_the_two_pass_path_at_full_grid(report
 
 
 def test_wide_offsets_only_past_int32():
-    assert not triton_kernels.needs_wide_offsets(75_600, 3072)
-    assert triton_kernels.needs_wide_offsets(1_000_000, 4096)
+    assert not triton_backend.needs_wide_offsets(75_600, 3072)
+    assert triton_backend.needs_wide_offsets(1_000_000, 4096)

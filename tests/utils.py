@@ -42,19 +42,19 @@ import torch
 import torch.nn.functional as F
 
 from vrepa_kernels import trd_loss, trd_loss_reference
-from vrepa_kernels.backends import triton_kernels
+from vrepa_kernels.backends import triton_backend
 from vrepa_kernels.features import NORMALIZE_EPS
 from vrepa_kernels.relation import canonicalize, relation_mask
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-requires_triton = pytest.mark.skipif(not triton_kernels.HAS_TRITON, reason="triton is not installed")
+requires_triton = pytest.mark.skipif(not triton_backend.HAS_TRITON, reason="triton is not installed")
 
 
 def cpu_backends():
     """Backends that can run on CPU tensors in this session."""
     names = ["torch"]
-    if triton_kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_backend.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
         names.append("triton")
     return names
 
@@ -73,7 +73,7 @@ def route_torch_backend(monkeypatch, kernel):
 def cuda_cpu_kernels():
     """The CUDA kernel's CPU stand-ins that are built here: name -> pair_sums (the twin walks the kernel's
     schedule with its epilogue; the emulator runs the kernel's own code, slowly)."""
-    from vrepa_kernels.backends import cuda
+    from vrepa_kernels.backends import cuda_backend as cuda
 
     kernels = {}
     if getattr(cuda, "_cpu_ext", None) is not None:

@@ -10,15 +10,14 @@ from typing import List
 import torch
 
 from . import __version__
-from .backends import REGISTRY
-from .backends import cuda as cuda_backend
+from .backends import REGISTRY, cuda_backend
 
 
 def _triton_version() -> str:
-    from .backends import triton_kernels
+    from .backends import triton_backend
 
-    if not triton_kernels.HAS_TRITON:
-        return f"not installed ({triton_kernels.IMPORT_ERROR})"
+    if not triton_backend.HAS_TRITON:
+        return f"not installed ({triton_backend.IMPORT_ERROR})"
     import triton
 
     return triton.__version__

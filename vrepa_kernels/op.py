@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import backends
-from .backends.torch_blockwise import sign_product
+from .backends.torch_backend import sign_product
 from .features import NORMALIZE_EPS, Features, accumulation_dtype, normalize_backward
 from .relation import RelationSpec
 
@@ -113,7 +113,7 @@ def _trd_loss_forward_vmap(info, in_dims, student, teacher, *rest):
 @torch.library.custom_op("vrepa_kernels::sign_product", mutates_args=())
 def sign_product_op(student: torch.Tensor, teacher: torch.Tensor, operands: List[torch.Tensor], margin: float,
                     relation: str, tokens_per_frame: int) -> List[torch.Tensor]:
-    """``P x`` for each operand (see :func:`vrepa_kernels.backends.torch_blockwise.sign_product`)."""
+    """``P x`` for each operand (see :func:`vrepa_kernels.backends.torch_backend.sign_product`)."""
     spec = RelationSpec(student.shape[0], student.shape[1], relation, tokens_per_frame, margin)
     with torch.autocast(student.device.type, enabled=False):
         return sign_product(Features.of(student), Features.of(teacher), spec, operands)

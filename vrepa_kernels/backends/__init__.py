@@ -22,10 +22,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_unavailable(device: torch.device) -> Optional[str]:
-    from . import triton_kernels
+    from . import triton_backend
 
-    if not triton_kernels.HAS_TRITON:
-        return f"triton is not installed ({triton_kernels.IMPORT_ERROR})"
+    if not triton_backend.HAS_TRITON:
+        return f"triton is not installed ({triton_backend.IMPORT_ERROR})"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -36,7 +36,7 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
 
 
 def _cuda_unavailable(device: torch.device) -> Optional[str]:
-    from . import cuda
+    from . import cuda_backend as cuda
 
     return cuda.unavailable_reason(device)
 
@@ -72,11 +72,11 @@ class Backend:
 
 
 REGISTRY = {
-    "torch": Backend("torch", "torch_blockwise", None, LOW_PRECISION + (torch.float64,),
+    "torch": Backend("torch", "torch_backend", None, LOW_PRECISION + (torch.float64,),
                      splits_across_ranks=True, second_order=True),
-    "triton": Backend("triton", "triton_kernels", ("cuda", "cpu"), LOW_PRECISION, splits_across_ranks=True,
+    "triton": Backend("triton", "triton_backend", ("cuda", "cpu"), LOW_PRECISION, splits_across_ranks=True,
                       second_order=True, unavailable=_triton_unavailable),
-    "cuda": Backend("cuda", "cuda", ("cuda",), LOW_PRECISION, splits_across_ranks=True, second_order=True,
+    "cuda": Backend("cuda", "cuda_backend", ("cuda",), LOW_PRECISION, splits_across_ranks=True, second_order=True,
                     unavailable=_cuda_unavailable),
 }
 
@@ -93,7 +93,8 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, spec=None) -> s
         if device.type == "cuda" and dtype != torch.float64:
             cuda_ok = get("cuda").unavailable_reason(device) is None
             triton_ok = get("triton").unavailable_reason(device) is None
-            if cuda_ok and (not triton_ok or importlib.import_module(f"{__name__}.cuda").preferred(spec, dtype)):
+            cuda_preferred = lambda: importlib.import_module(f"{__name__}.cuda_backend").preferred(spec, dtype)
+            if cuda_ok and (not triton_ok or cuda_preferred()):
                 return "cuda"
             if triton_ok:
                 return "triton"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vrepa_kernels import sign_map, trd_loss
-from vrepa_kernels.backends import triton_kernels
+from vrepa_kernels.backends import triton_backend
 from vrepa_kernels.features import Features
 from vrepa_kernels.relation import canonicalize, relation_mask
 
@@ -22,7 +22,7 @@ def canonical(s, t, relation="full", frames=None, margin=0.1):
 def raw_sums(s, t, need_s=True, need_t=False, deterministic=False, config=None, relation="full", frames=None,
              algorithm="memory_minimal", margin=0.1):
     fs, ft, spec = canonical(s, t, relation, frames, margin)
-    return triton_kernels.pair_sums(fs, ft, spec, need_s, need_t, deterministic, algorithm=algorithm, config=config)
+    return triton_backend.pair_sums(fs, ft, spec, need_s, need_t, deterministic, algorithm=algorithm, config=config)
 
 
 def float64_gap(fs: Features, ft: Features) -> torch.Tensor:
@@ -55,8 +55,8 @@ def test_two_pass_against_float64(relation, frames, reduction):
 def test_two_pass_is_the_default_and_bitwise_repeatable():
     s, t = make_pair((1, 140, 16), 16, device=DEVICE)
     fs, ft, spec = canonical(s, t)
-    assert triton_kernels.choose_algorithm("auto", spec, None) == "two_pass"
-    runs = [triton_kernels.pair_sums(fs, ft, spec, True, True) for _ in range(2)]
+    assert triton_backend.choose_algorithm("auto", spec, None) == "two_pass"
+    runs = [triton_backend.pair_sums(fs, ft, spec, True, True) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -66,7 +66,7 @@ def test_map_codes_equal_float64_codes_away_from_ties(n, relation, frames):
     dim = 8 if n > 500 else 24
     s, t = make_pair((2, n, dim), dim, device=DEVICE)
     fs, ft, spec = canonical(s, t, relation, frames)
-    _, words = triton_kernels.relation_pass(fs, ft, spec)
+    _, words = triton_backend.relation_pass(fs, ft, spec)
     assert words.shape == (2, sign_map.num_map_tiles(n), sign_map.MAP_TILE, sign_map.WORDS_PER_ROW)
     gap = float64_gap(fs, ft).cpu()
     expected = sign_map.codes_of(gap, spec.margin, relation_mask(spec))
@@ -86,7 +86,7 @@ def test_pairs_exactly_at_the_margin_may_round_either_way_and_nothing_else():
     gap = float64_gap(fs, ft)
     ties = ((gap.abs() - 0.5).abs() < 1e-6)[0]
     assert ties.sum() >= 4  # cos(60 deg) - 1 = -0.5 for the pairs 60 degrees apart
-    codes = sign_map.unpack(triton_kernels.relation_pass(fs, ft, spec)[1].cpu(), 5)[0]
+    codes = sign_map.unpack(triton_backend.relation_pass(fs, ft, spec)[1].cpu(), 5)[0]
     expected = sign_map.codes_of(gap, 0.5)[0]
     assert torch.equal(codes[~ties], expected[~ties])
     assert set(codes[ties].tolist()) <= {sign_map.CODE_NONE, sign_map.CODE_MINUS}
@@ -97,40 +97,40 @@ def test_one_non_finite_pair_makes_the_loss_and_the_affected_gradients_non_finit
     s = s.detach().clone()
     s[0, 140, 3] = float("nan")
     fs, ft, spec = canonical(s, t)
-    sums, g_s, _ = triton_kernels.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
+    sums, g_s, _ = triton_backend.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
     assert torch.isnan(sums).all()
     assert not torch.isfinite(g_s[0]).all(dim=-1).any()  # every token pairs with token 140
-    codes = sign_map.unpack(triton_kernels.relation_pass(fs, ft, spec)[1].cpu(), 150)[0]
+    codes = sign_map.unpack(triton_backend.relation_pass(fs, ft, spec)[1].cpu(), 150)[0]
     assert (codes[140] == sign_map.CODE_NONFINITE).all() and (codes[:, 140] == sign_map.CODE_NONFINITE).all()
     assert (codes[:140, :140] != sign_map.CODE_NONFINITE).all()
 
 
 def test_algorithm_choice_follows_the_budget_and_the_argument(monkeypatch):
     _, _, spec = canonical(torch.zeros(1, 1000, 4), torch.zeros(1, 1000, 4))
-    assert triton_kernels.choose_algorithm("auto", spec, None) == "two_pass"
-    assert triton_kernels.choose_algorithm("memory_minimal", spec, None) == "memory_minimal"
-    assert triton_kernels.choose_algorithm("two_pass", spec, (0, 2)) == "memory_minimal"  # sequence parallel
-    monkeypatch.setattr(triton_kernels, "MAP_BUDGET_BYTES", sign_map.map_bytes(1, 1000) - 1)
-    assert triton_kernels.choose_algorithm("auto", spec, None) == "memory_minimal"
+    assert triton_backend.choose_algorithm("auto", spec, None) == "two_pass"
+    assert triton_backend.choose_algorithm("memory_minimal", spec, None) == "memory_minimal"
+    assert triton_backend.choose_algorithm("two_pass", spec, (0, 2)) == "memory_minimal"  # sequence parallel
+    monkeypatch.setattr(triton_backend, "MAP_BUDGET_BYTES", sign_map.map_bytes(1, 1000) - 1)
+    assert triton_backend.choose_algorithm("auto", spec, None) == "memory_minimal"
     with pytest.raises(ValueError, match="algorithm must be one of .* got 'fast'"):
-        triton_kernels.choose_algorithm("fast", spec, None)
-    monkeypatch.setattr(triton_kernels, "MAP_BUDGET_BYTES", 1 << 30)
+        triton_backend.choose_algorithm("fast", spec, None)
+    monkeypatch.setattr(triton_backend, "MAP_BUDGET_BYTES", 1 << 30)
     # A GPU measurement pinned in triton_configs.json that found the memory-minimal path faster wins "auto".
-    monkeypatch.setattr(triton_kernels, "_tuned_for", lambda dtype, device: {"fastest_algorithm": "memory_minimal"})
-    assert triton_kernels.choose_algorithm("auto", spec, None) == "memory_minimal"
-    assert triton_kernels.choose_algorithm("two_pass", spec, None) == "two_pass"
+    monkeypatch.setattr(triton_backend, "_tuned_for", lambda dtype, device: {"fastest_algorithm": "memory_minimal"})
+    assert triton_backend.choose_algorithm("auto", spec, None) == "memory_minimal"
+    assert triton_backend.choose_algorithm("two_pass", spec, None) == "two_pass"
 
 
 def test_samples_are_chunked_so_that_the_maps_fit_the_budget(monkeypatch):
     s, t = make_pair((3, 130, 8), 8, device=DEVICE)
     fs, ft, spec = canonical(s, t)
-    whole = triton_kernels.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
-    monkeypatch.setattr(triton_kernels, "MAP_BUDGET_BYTES", sign_map.map_bytes(1, 130))  # one sample a chunk
+    whole = triton_backend.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
+    monkeypatch.setattr(triton_backend, "MAP_BUDGET_BYTES", sign_map.map_bytes(1, 130))  # one sample a chunk
     calls = []
-    real = triton_kernels.relation_pass
-    monkeypatch.setattr(triton_kernels, "relation_pass", lambda f, *a, **k: calls.append(f.values.shape[0])
+    real = triton_backend.relation_pass
+    monkeypatch.setattr(triton_backend, "relation_pass", lambda f, *a, **k: calls.append(f.values.shape[0])
                         or real(f, *a, **k))
-    chunked = triton_kernels.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
+    chunked = triton_backend.pair_sums(fs, ft, spec, True, False, algorithm="two_pass")
     assert calls == [1, 1, 1]
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
@@ -192,12 +192,12 @@ def test_pinned_configs_are_read_per_device_and_dtype(monkeypatch, tmp_path):
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=2)
     table.write_text('{"Fake GPU": {"bfloat16": {"row_owned": %s, "fastest": "row_owned"}}}'
                      % str(cfg).replace("'", '"'))
-    monkeypatch.setattr(triton_kernels, "TUNED_CONFIGS", table)
-    triton_kernels._tuned.cache_clear()
+    monkeypatch.setattr(triton_backend, "TUNED_CONFIGS", table)
+    triton_backend._tuned.cache_clear()
     try:
-        assert triton_kernels._tuned("Fake GPU", "bfloat16")["fastest"] == "row_owned"
-        assert triton_kernels._tuned("Fake GPU", "bfloat16")["row_owned"] == cfg
-        assert triton_kernels._tuned("Other GPU", "bfloat16") == {}
-        assert triton_kernels.default_schedule(torch.bfloat16, torch.device("cpu")) == "symmetric"
+        assert triton_backend._tuned("Fake GPU", "bfloat16")["fastest"] == "row_owned"
+        assert triton_backend._tuned("Fake GPU", "bfloat16")["row_owned"] == cfg
+        assert triton_backend._tuned("Other GPU", "bfloat16") == {}
+        assert triton_backend.default_schedule(torch.bfloat16, torch.device("cpu")) == "symmetric"
     finally:
-        triton_kernels._tuned.cache_clear()
+        triton_backend._tuned.cache_clear()

@@ -3,22 +3,22 @@ import pytest
 import torch
 
 from vrepa_kernels import trd_loss, trd_loss_reference
-from vrepa_kernels.backends import torch_blockwise
-from vrepa_kernels.backends.torch_blockwise import strip_rows
+from vrepa_kernels.backends import torch_backend
+from vrepa_kernels.backends.torch_backend import strip_rows
 
 from utils import make_pair
 
 
 def test_strip_rows_bounds_the_strip():
     assert strip_rows(1, 4096) == 512
-    assert strip_rows(8, 75_600) == torch_blockwise.MIN_ROWS
-    assert strip_rows(1, 100) == torch_blockwise.MAX_ROWS
+    assert strip_rows(8, 75_600) == torch_backend.MIN_ROWS
+    assert strip_rows(1, 100) == torch_backend.MAX_ROWS
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32])
 @pytest.mark.parametrize("relation, frames", [("full", None), ("spatial", 4), ("temporal", 4)])
 def test_any_strip_height_gives_the_same_result(monkeypatch, rows, relation, frames):
-    monkeypatch.setattr(torch_blockwise, "strip_rows", lambda batch, n: rows)
+    monkeypatch.setattr(torch_backend, "strip_rows", lambda batch, n: rows)
     s, t = make_pair((2, 44, 12), 9, grad_teacher=True)
     loss = trd_loss(s, t, relation=relation, num_frames=frames, backend="torch")
     loss.backward()
