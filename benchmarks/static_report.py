@@ -70,14 +70,14 @@ def compile_relation_pass(dtype, arch: int, relation: str = "full", store_map: b
     pointers = dict(S="x", T="x", S_INV="*fp32", T_INV="*fp32", MAP="*i32", PARTIAL="*fp32")
     constexprs = dict(RELATION=tk.RELATION_CODES[relation], STORE_MAP=store_map, BLOCK=tk.MAP_TILE, UPCAST=False,
                       PRECISION="ieee")
-    return _compile(tk._relation_pass, dtype, pointers, constexprs, cfg, arch), cfg
+    return _compile(tk.relation_pass_kernel, dtype, pointers, constexprs, cfg, arch), cfg
 
 
 def compile_gradient_pass(dtype, arch: int, cfg=None):
     cfg = cfg or tk.default_two_pass_config(dtype, arch)["gradient"]
     pointers = dict(X="x", X_INV="*fp32", MAP="*i32", G="*fp32")
     constexprs = dict(MAP_TILE=tk.MAP_TILE, UPCAST=False, PRECISION="ieee")
-    return _compile(tk._gradient_pass, dtype, pointers, constexprs, cfg, arch), cfg
+    return _compile(tk.gradient_pass_kernel, dtype, pointers, constexprs, cfg, arch), cfg
 
 
 def compile_fused(dtype, arch: int, relation: str = "full", symmetric: bool = True, grad_s: bool = True,
@@ -87,7 +87,7 @@ def compile_fused(dtype, arch: int, relation: str = "full", symmetric: bool = Tr
                     **{name: "*fp32" for name in ("S_INV", "T_INV", "GS", "GT", "PARTIAL")})
     constexprs = dict(RELATION=tk.RELATION_CODES[relation], SYMMETRIC=symmetric, GRAD_S=grad_s, GRAD_T=grad_t,
                       UPCAST=False, PRECISION="ieee", WIDE_OFFSETS=False, BLOCK_LIST=False, ATOMIC_SEM=atomic_sem)
-    return _compile(tk._fused_kernel, dtype, pointers, constexprs, cfg, arch), cfg
+    return _compile(tk.fused_kernel, dtype, pointers, constexprs, cfg, arch), cfg
 
 
 def triton_jobs(quick: bool = False):

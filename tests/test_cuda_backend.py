@@ -28,7 +28,7 @@ from vrepa_kernels.relation import RelationSpec, canonicalize, relation_mask
 
 from utils import HAS_CUDA, assert_matches_reference, cpu_backends, make_pair, requires_cuda, tie_band
 
-cpu_ext = cuda_backend._cpu_ext
+cpu_ext = cuda_backend.cpu_module
 requires_twin = pytest.mark.skipif(cpu_ext is None, reason="vrepa_kernels._C_cpu is not built")
 RELATIONS = [("full", None), ("spatial", 5), ("temporal", 5)]
 CODES = cuda_backend.RELATION_CODES
@@ -90,7 +90,7 @@ def test_cuda_backend_without_gpu_says_no_gpu():
 
 
 def test_unbuilt_extension_is_named(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_cuda_ext", None)
+    monkeypatch.setattr(cuda_backend, "cuda_module", None)
     monkeypatch.setattr(cuda_backend, "build_info", lambda: {"cuda": {"built": False, "reason": "nvcc was not found"}})
     reason = cuda_backend.unavailable_reason(torch.device("cuda", 0))
     assert "vrepa_kernels._C_cuda is not built: nvcc was not found" in reason
@@ -101,7 +101,7 @@ def test_unbuilt_extension_is_named(monkeypatch):
 
 def test_cpu_tensors_are_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_backend, "_cuda_ext", types.SimpleNamespace(sass_archs="80", ptx_arch="80"))
+    monkeypatch.setattr(cuda_backend, "cuda_module", types.SimpleNamespace(sass_archs="80", ptx_arch="80"))
     assert cuda_backend.unavailable_reason(torch.device("cpu")) == "the inputs are on cpu, not on a CUDA device"
 
 
@@ -116,7 +116,7 @@ def test_cpu_tensors_are_named(monkeypatch):
     ((7, 5), "80,90a", "80", False),
 ])
 def test_arch_check(monkeypatch, capability, sass, ptx, runs):
-    monkeypatch.setattr(cuda_backend, "_cuda_ext", types.SimpleNamespace(sass_archs=sass, ptx_arch=ptx))
+    monkeypatch.setattr(cuda_backend, "cuda_module", types.SimpleNamespace(sass_archs=sass, ptx_arch=ptx))
     problem = cuda_backend.arch_problem(capability)
     assert (problem is None) == runs
     if not runs:
@@ -128,7 +128,7 @@ def test_cuda_extension_line_format():
     line = cuda_backend.cuda_extension_line()
     if cuda_backend.cuda_extension_built():
         assert line.startswith("cuda_extension: built (sm_") and line.endswith(")")
-        assert cuda_backend._cuda_ext.cuda_runtime_version >= 11000
+        assert cuda_backend.cuda_module.cuda_runtime_version >= 11000
     else:
         assert line.startswith("cuda_extension: not built (") and line.endswith(")")
 
@@ -324,7 +324,7 @@ def test_twin_strided_input_rows():
 # The CUDA kernel's own code, run on the CPU by the warp/barrier emulator (_C_emulator)
 # ---------------------------------------------------------------------------------------------------------
 
-requires_emulator = pytest.mark.skipif(cuda_backend._emulator_ext is None,
+requires_emulator = pytest.mark.skipif(cuda_backend.emulator_module is None,
                                        reason="vrepa_kernels._C_emulator is not built (it is built with _C_cuda)")
 
 
@@ -559,7 +559,7 @@ def test_gradient_pass_decodes_both_map_orientations(runner, dtype):
     skip = requires_twin if runner == "twin" else requires_emulator
     if skip.args[0]:
         pytest.skip(skip.kwargs["reason"])
-    ext = cpu_ext if runner == "twin" else cuda_backend._emulator_ext
+    ext = cpu_ext if runner == "twin" else cuda_backend.emulator_module
     launch = dict(threads=2) if runner == "twin" else dict(order=0)
     batch, n, dim = 2, 260, 40
     gen = torch.Generator().manual_seed(3)
@@ -569,7 +569,7 @@ def test_gradient_pass_decodes_both_map_orientations(runner, dtype):
     codes[1, 140, 150] = codes[1, 150, 140] = sign_map.CODE_NONFINITE
     words = sign_map.pack(codes)
     x = torch.randn(batch, n, dim, generator=gen).to(dtype)
-    g = cuda_backend._gradient_pass(ext, words, Features(x, torch.ones(batch, n, 1)), -2.0, **launch)
+    g = cuda_backend.launch_gradient_pass(ext, words, Features(x, torch.ones(batch, n, 1)), -2.0, **launch)
     want = -2.0 * sign_map.signs(codes) @ x.double()
     assert torch.isnan(g).any(dim=-1).tolist() == torch.isnan(want).any(dim=-1).tolist()
     torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-4, equal_nan=True)
@@ -679,7 +679,7 @@ def test_cuda_and_triton_maps_are_identical(dtype, relation, frames):
     fs, ft, spec = features(s, t, relation=relation, num_frames=frames, margin=0.5)
     cuda_sums, cuda_words = cuda_backend.emulated_relation_pass(fs, ft, spec)
     if relation == "spatial":
-        fs, ft, spec = cuda_backend._per_frame(fs, ft, spec)
+        fs, ft, spec = cuda_backend.per_frame_samples(fs, ft, spec)
     triton_sums, triton_words = triton_backend.relation_pass(fs, ft, spec)
     n = spec.num_tokens
     assert torch.equal(sign_map.unpack(cuda_words, n), sign_map.unpack(triton_words.cpu(), n))
@@ -728,7 +728,7 @@ GLOBAL_ATOMICS = {"ATOMG", "REDG", "RED", "ATOM"}  # ATOMS (shared memory) is no
 
 @pytest.fixture(scope="module")
 def built_cubins(tmp_path_factory):
-    ext = cuda_backend._cuda_ext
+    ext = cuda_backend.cuda_module
     if ext is None:
         pytest.skip(f"the CUDA extension is not built: {cuda_backend.cuda_extension_line()}")
     tool = find_cuobjdump()
@@ -774,7 +774,7 @@ def test_two_pass_kernels_compile_without_spills_atomics_or_gpu_fences(built_cub
             assert "LDGSTS" in bases, name  # cp.async staging
             if half:
                 assert "LDSM" in bases, name  # ldmatrix
-    built = {f"sm_{a}" for a in cuda_backend._cuda_ext.sass_archs.split(",") if a}
+    built = {f"sm_{a}" for a in cuda_backend.cuda_module.sass_archs.split(",") if a}
     assert built <= archs, (built, archs)
     for arch in archs:
         assert {(arch, r) for r in ("relation_pass", "gradient_pass", "fused")} <= seen, seen

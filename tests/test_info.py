@@ -30,7 +30,7 @@ def test_module_entry_point_prints_versions_backends_and_the_extension_line():
 
 
 def test_not_built_line(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_cuda_ext", None)
+    monkeypatch.setattr(cuda_backend, "cuda_module", None)
     monkeypatch.setattr(cuda_backend, "build_info",
                         lambda: {"cuda": {"built": False, "reason": "skipped: VREPA_SKIP_CUDA=1"}})
     assert info.report()[-1] == "cuda_extension: not built (skipped: VREPA_SKIP_CUDA=1)"
@@ -40,7 +40,7 @@ def test_not_built_line(monkeypatch):
 def test_built_line_lists_the_targets(monkeypatch):
     fake = type("Ext", (), dict(sass_archs="80,90a", ptx_arch="80", cuda_runtime_version=13000,
                                 driver_version=staticmethod(lambda: 0)))
-    monkeypatch.setattr(cuda_backend, "_cuda_ext", fake)
+    monkeypatch.setattr(cuda_backend, "cuda_module", fake)
     assert info.report()[-1] == "cuda_extension: built (sm_80, sm_90a, PTX compute_80)"
 
 

@@ -116,7 +116,7 @@ def test_algorithm_choice_follows_the_budget_and_the_argument(monkeypatch):
         triton_backend.choose_algorithm("fast", spec, None)
     monkeypatch.setattr(triton_backend, "MAP_BUDGET_BYTES", 1 << 30)
     # A GPU measurement pinned in triton_configs.json that found the memory-minimal path faster wins "auto".
-    monkeypatch.setattr(triton_backend, "_tuned_for", lambda dtype, device: {"fastest_algorithm": "memory_minimal"})
+    monkeypatch.setattr(triton_backend, "tuned_for", lambda dtype, device: {"fastest_algorithm": "memory_minimal"})
     assert triton_backend.choose_algorithm("auto", spec, None) == "memory_minimal"
     assert triton_backend.choose_algorithm("two_pass", spec, None) == "two_pass"
 
@@ -193,11 +193,11 @@ def test_pinned_configs_are_read_per_device_and_dtype(monkeypatch, tmp_path):
     table.write_text('{"Fake GPU": {"bfloat16": {"row_owned": %s, "fastest": "row_owned"}}}'
                      % str(cfg).replace("'", '"'))
     monkeypatch.setattr(triton_backend, "TUNED_CONFIGS", table)
-    triton_backend._tuned.cache_clear()
+    triton_backend.tuned_table.cache_clear()
     try:
-        assert triton_backend._tuned("Fake GPU", "bfloat16")["fastest"] == "row_owned"
-        assert triton_backend._tuned("Fake GPU", "bfloat16")["row_owned"] == cfg
-        assert triton_backend._tuned("Other GPU", "bfloat16") == {}
+        assert triton_backend.tuned_table("Fake GPU", "bfloat16")["fastest"] == "row_owned"
+        assert triton_backend.tuned_table("Fake GPU", "bfloat16")["row_owned"] == cfg
+        assert triton_backend.tuned_table("Other GPU", "bfloat16") == {}
         assert triton_backend.default_schedule(torch.bfloat16, torch.device("cpu")) == "symmetric"
     finally:
-        triton_backend._tuned.cache_clear()
+        triton_backend.tuned_table.cache_clear()

@@ -76,9 +76,9 @@ def cuda_cpu_kernels():
     from vrepa_kernels.backends import cuda_backend as cuda
 
     kernels = {}
-    if getattr(cuda, "_cpu_ext", None) is not None:
+    if getattr(cuda, "cpu_module", None) is not None:
         kernels["cuda-twin"] = lambda *args, **kw: cuda.cpu_twin_pair_sums(*args, threads=2, **kw)
-    if getattr(cuda, "_emulator_ext", None) is not None:
+    if getattr(cuda, "emulator_module", None) is not None:
         kernels["cuda-emulated"] = cuda.emulated_pair_sums
     return kernels
 

@@ -39,7 +39,7 @@ def report() -> List[str]:
         f"torch: {torch.__version__} (CUDA runtime: {torch.version.cuda or 'none, CPU build'})",
         f"triton: {_triton_version()}",
     ]
-    ext = cuda_backend._cuda_ext
+    ext = cuda_backend.cuda_module
     if ext is not None:
         lines.append(f"extension CUDA runtime: {_cuda_version(ext.cuda_runtime_version)} (static); "
                      f"driver supports: {_cuda_version(ext.driver_version())}")

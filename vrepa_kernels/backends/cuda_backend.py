@@ -50,9 +50,9 @@ def _import_extension(name: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-_cuda_ext, _cuda_import_error = _import_extension("_C_cuda")
-_cpu_ext, _cpu_import_error = _import_extension("_C_cpu")
-_emulator_ext, _emulator_import_error = _import_extension("_C_emulator")
+cuda_module, _cuda_import_error = _import_extension("_C_cuda")
+cpu_module, _cpu_import_error = _import_extension("_C_cpu")
+emulator_module, _emulator_import_error = _import_extension("_C_emulator")
 
 
 def build_info() -> dict:
@@ -86,30 +86,30 @@ def _status_line(label: str, ext, kind: str, import_error: Optional[str], built:
 
 
 def cuda_extension_built() -> bool:
-    return _cuda_ext is not None
+    return cuda_module is not None
 
 
 def cuda_extension_archs() -> str:
     """The compiled targets, e.g. ``sm_80, sm_90a, PTX compute_80``."""
-    if _cuda_ext is None:
+    if cuda_module is None:
         return ""
-    archs = [f"sm_{a}" for a in _cuda_ext.sass_archs.split(",") if a]
-    if _cuda_ext.ptx_arch:
-        archs.append(f"PTX compute_{_cuda_ext.ptx_arch}")
+    archs = [f"sm_{a}" for a in cuda_module.sass_archs.split(",") if a]
+    if cuda_module.ptx_arch:
+        archs.append(f"PTX compute_{cuda_module.ptx_arch}")
     return ", ".join(archs)
 
 
 def cuda_extension_line() -> str:
     """``cuda_extension: built (<archs>)`` or ``cuda_extension: not built (<reason>)``."""
-    return _status_line("cuda_extension", _cuda_ext, "cuda", _cuda_import_error, f"built ({cuda_extension_archs()})")
+    return _status_line("cuda_extension", cuda_module, "cuda", _cuda_import_error, f"built ({cuda_extension_archs()})")
 
 
 def cpu_twin_line() -> str:
-    return _status_line("cpu_twin", _cpu_ext, "cpu", _cpu_import_error)
+    return _status_line("cpu_twin", cpu_module, "cpu", _cpu_import_error)
 
 
 def emulator_line() -> str:
-    return _status_line("kernel_emulator", _emulator_ext, "emulator", _emulator_import_error)
+    return _status_line("kernel_emulator", emulator_module, "emulator", _emulator_import_error)
 
 
 def _arch_runs(entry: str, major: int, minor: int) -> bool:
@@ -125,10 +125,10 @@ def _arch_runs(entry: str, major: int, minor: int) -> bool:
 def arch_problem(capability: Tuple[int, int]) -> Optional[str]:
     """None when the build has a kernel image (SASS or PTX) for a device of this capability."""
     major, minor = capability
-    sass = [a for a in _cuda_ext.sass_archs.split(",") if a]
+    sass = [a for a in cuda_module.sass_archs.split(",") if a]
     if any(_arch_runs(a, major, minor) for a in sass):
         return None
-    ptx = _cuda_ext.ptx_arch
+    ptx = cuda_module.ptx_arch
     if ptx and major * 10 + minor >= int(ptx):
         return None
     return (f"this GPU is sm_{major}{minor} but the CUDA extension was built for {cuda_extension_archs()}; "
@@ -140,13 +140,13 @@ def _device_problem(index: int) -> Optional[str]:
     problem = arch_problem(torch.cuda.get_device_capability(index))
     if problem is None:
         with torch.cuda.device(index):
-            problem = _cuda_ext.device_problem(index) or None
+            problem = cuda_module.device_problem(index) or None
     return problem
 
 
 @lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
-    return int(_cuda_ext.multiprocessor_count(index))
+    return int(cuda_module.multiprocessor_count(index))
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -157,7 +157,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         missing.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
     elif device.type != "cuda":
         missing.append(f"the inputs are on {device}, not on a CUDA device")
-    if _cuda_ext is None:
+    if cuda_module is None:
         missing.append(_not_built("the CUDA extension vrepa_kernels._C_cuda", "cuda", _cuda_import_error))
     if missing:
         return "; ".join(missing)
@@ -257,7 +257,7 @@ def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[in
     return algorithm
 
 
-def _per_frame(student: Features, teacher: Features, spec: RelationSpec):
+def per_frame_samples(student: Features, teacher: Features, spec: RelationSpec):
     """Same-frame pairs of B samples are all pairs of B * F one-frame samples (as the torch backend runs them):
     the features and spec of those samples."""
     frames, tpf = spec.num_frames, spec.tokens_per_frame
@@ -290,7 +290,7 @@ def _relation_pass(ext, student: Features, teacher: Features, spec: RelationSpec
     return partial.sum(dim=1), words
 
 
-def _gradient_pass(ext, words: torch.Tensor, feats: Features, scale: float, **launch) -> torch.Tensor:
+def launch_gradient_pass(ext, words: torch.Tensor, feats: Features, scale: float, **launch) -> torch.Tensor:
     """Pass 2 for one operand: ``scale * P U`` in fp32, U the unit rows rounded once to the input dtype."""
     values = feats.values
     unit = (values.float() * feats.inv_norm.float().unsqueeze(-1)).to(values.dtype).contiguous()
@@ -305,7 +305,7 @@ def _gradient_pass(ext, words: torch.Tensor, feats: Features, scale: float, **la
 def _map_samples(student: Features, teacher: Features, spec: RelationSpec):
     """The samples the map is made of: the call's own, or for spatial its B * F one-frame samples."""
     if spec.relation == "spatial":
-        return _per_frame(student, teacher, spec)
+        return per_frame_samples(student, teacher, spec)
     return student, teacher, spec
 
 
@@ -314,8 +314,8 @@ def _two_pass(ext, student: Features, teacher: Features, spec: RelationSpec, nee
     batch = spec.batch
     student, teacher, spec = _map_samples(student, teacher, spec)
     sums, words = _relation_pass(ext, student, teacher, spec, backend, **launch)
-    g_s = _gradient_pass(ext, words, student, 2.0, **launch) if need_s else None
-    g_t = _gradient_pass(ext, words, teacher, -2.0, **launch) if need_t else None
+    g_s = launch_gradient_pass(ext, words, student, 2.0, **launch) if need_s else None
+    g_t = launch_gradient_pass(ext, words, teacher, -2.0, **launch) if need_t else None
     unflatten = lambda g: None if g is None else g.reshape(batch, -1, g.shape[-1])
     return sums.reshape(batch, -1).sum(dim=1).to(torch.float32), unflatten(g_s), unflatten(g_t)
 
@@ -356,8 +356,8 @@ def pair_sums(
     with torch.cuda.device(index):
         stream = torch.cuda.current_stream(device).cuda_stream
         if path == "two_pass" and (need_s or need_t):
-            return _two_pass(_cuda_ext, student, teacher, spec, need_s, need_t, "cuda", device=index, stream=stream)
-        return _run(_cuda_ext, student, teacher, spec, need_s, need_t, deterministic, "cuda", _multiprocessors(index),
+            return _two_pass(cuda_module, student, teacher, spec, need_s, need_t, "cuda", device=index, stream=stream)
+        return _run(cuda_module, student, teacher, spec, need_s, need_t, deterministic, "cuda", _multiprocessors(index),
                     None, part, device=index, stream=stream)
 
 
@@ -366,7 +366,7 @@ def relation_pass(student: Features, teacher: Features, spec: RelationSpec) -> T
     index = _device_launch(student.values.device)
     with torch.cuda.device(index):
         stream = torch.cuda.current_stream(student.values.device).cuda_stream
-        return _relation_pass_public(_cuda_ext, student, teacher, spec, "cuda", device=index, stream=stream)
+        return _relation_pass_public(cuda_module, student, teacher, spec, "cuda", device=index, stream=stream)
 
 
 def _host_extension(ext, description: str, kind: str, import_error: Optional[str], caller: str, student: Features):
@@ -379,11 +379,11 @@ def _host_extension(ext, description: str, kind: str, import_error: Optional[str
 
 
 def _twin(caller: str, student: Features):
-    return _host_extension(_cpu_ext, "the CPU twin vrepa_kernels._C_cpu", "cpu", _cpu_import_error, caller, student)
+    return _host_extension(cpu_module, "the CPU twin vrepa_kernels._C_cpu", "cpu", _cpu_import_error, caller, student)
 
 
 def _emulator(caller: str, student: Features):
-    return _host_extension(_emulator_ext, "the kernel emulator vrepa_kernels._C_emulator", "emulator",
+    return _host_extension(emulator_module, "the kernel emulator vrepa_kernels._C_emulator", "emulator",
                            _emulator_import_error, caller, student)
 
 

@@ -140,7 +140,7 @@ def _triangle_coords(linear, n_tiles):
 # ---------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _relation_pass(S, T, S_INV, T_INV, MAP, PARTIAL,
+def relation_pass_kernel(S, T, S_INV, T_INV, MAP, PARTIAL,
                    N, DS, DT, TPF, margin, n_tiles,
                    s_stride_b, s_stride_n, t_stride_b, t_stride_n,
                    RELATION: tl.constexpr, STORE_MAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -185,7 +185,7 @@ def _decode_signs(words, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _gradient_pass(X, X_INV, MAP, G,
+def gradient_pass_kernel(X, X_INV, MAP, G,
                    N, DIM, n_tiles, num_map_tiles,
                    x_stride_b, x_stride_n, g_stride_b, g_stride_n,
                    MAP_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -259,7 +259,7 @@ def _accumulate_grad(p, X, inv_rows, inv_cols, G, rows, cols, row_ok, col_ok, di
 
 
 @triton.jit
-def _fused_kernel(S, T, S_INV, T_INV, GS, GT, PARTIAL, ROW_BLOCKS,
+def fused_kernel(S, T, S_INV, T_INV, GS, GT, PARTIAL, ROW_BLOCKS,
                   N, DS, DT, TPF, margin,
                   s_stride_b, s_stride_n, t_stride_b, t_stride_n,
                   gs_stride_b, gs_stride_n, gt_stride_b, gt_stride_n,
@@ -361,28 +361,28 @@ def default_two_pass_config(dtype: torch.dtype, arch: int = 90) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(device_name: str, dtype_name: str) -> dict:
+def tuned_table(device_name: str, dtype_name: str) -> dict:
     if not TUNED_CONFIGS.exists():
         return {}
     return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {}).get(dtype_name, {})
 
 
-def _tuned_for(dtype: torch.dtype, device: torch.device) -> dict:
+def tuned_for(dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
-    return _tuned(torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""))
+    return tuned_table(torch.cuda.get_device_name(device), str(dtype).replace("torch.", ""))
 
 
 def default_schedule(dtype: torch.dtype, device: torch.device) -> str:
     """The memory-minimal path's training schedule: "symmetric" (atomics) or "row_owned" (none)."""
-    return _tuned_for(dtype, device).get("fastest", "symmetric")
+    return tuned_for(dtype, device).get("fastest", "symmetric")
 
 
 def kernel_config(dtype: torch.dtype, device: torch.device, symmetric: bool = True) -> dict:
     """The memory-minimal kernel's config: tuned for this GPU, else the default."""
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return dict(INTERPRETER_CONFIG)
-    tuned = _tuned_for(dtype, device).get("symmetric" if symmetric else "row_owned")
+    tuned = tuned_for(dtype, device).get("symmetric" if symmetric else "row_owned")
     return dict(tuned) if tuned else default_config(dtype, symmetric)
 
 
@@ -390,7 +390,7 @@ def two_pass_config(dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(relation=dict(BLOCK_K=32, num_warps=4, num_stages=1),
                     gradient=dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1))
-    tuned = _tuned_for(dtype, device).get("two_pass")
+    tuned = tuned_for(dtype, device).get("two_pass")
     return dict(tuned) if tuned else default_two_pass_config(dtype, torch.cuda.get_device_capability(device)[0] * 10)
 
 
@@ -430,7 +430,7 @@ def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[in
         return "memory_minimal"
     if algorithm != "auto":
         return algorithm
-    if _tuned_for(dtype, device).get("fastest_algorithm") == "memory_minimal":
+    if tuned_for(dtype, device).get("fastest_algorithm") == "memory_minimal":
         return "memory_minimal"
     tokens = spec.tokens_per_frame if spec.relation == "spatial" else spec.num_tokens
     return "two_pass" if sign_map.map_bytes(1, tokens) <= MAP_BUDGET_BYTES else "memory_minimal"
@@ -457,7 +457,7 @@ def relation_pass(student: Features, teacher: Features, spec: RelationSpec, stor
     partial = torch.empty(batch, tiles, dtype=torch.float32, device=s.device)
     words = (torch.empty(batch, tiles, MAP_TILE, sign_map.WORDS_PER_ROW, dtype=torch.int32, device=s.device)
              if store_map else partial)
-    _relation_pass[(tiles, batch)](
+    relation_pass_kernel[(tiles, batch)](
         s, t, s_inv, t_inv, words, partial,
         n, ds, t.shape[2], spec.tokens_per_frame or 1, spec.margin, sign_map.num_tiles(n),
         s.stride(0), s.stride(1), t.stride(0), t.stride(1),
@@ -476,7 +476,7 @@ def gradient_pass(features: Features, words: torch.Tensor, config: Optional[dict
     cfg = dict(config or two_pass_config(x.dtype, x.device)["gradient"])
     out = torch.empty(batch, n, dim, dtype=torch.float32, device=x.device)
     grid = (sign_map.num_tiles(n), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    _gradient_pass[grid](
+    gradient_pass_kernel[grid](
         x, x_inv, words, out, n, dim, sign_map.num_tiles(n), sign_map.num_map_tiles(n),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         MAP_TILE=MAP_TILE, UPCAST=_upcast(x.dtype), PRECISION=_dot_precision(x.dtype), **cfg,
@@ -538,7 +538,7 @@ def _memory_minimal(student: Features, teacher: Features, spec: RelationSpec, ne
     g_s = torch.zeros(batch, n, ds, dtype=torch.float32, device=s.device) if need_s else partial
     g_t = torch.zeros(batch, n, dt, dtype=torch.float32, device=s.device) if need_t else partial
     if row_blocks.numel():
-        _fused_kernel[(row_blocks.numel(), batch)](
+        fused_kernel[(row_blocks.numel(), batch)](
             s, t, s_inv, t_inv, g_s, g_t, partial, row_blocks,
             n, ds, dt, spec.tokens_per_frame or 1, spec.margin,
             s.stride(0), s.stride(1), t.stride(0), t.stride(1),
