@@ -116,61 +116,73 @@ __device__ __forceinline__ void ldsm_x4_of(uint32_t (&r)[4], const void* p) {
   }
 }
 
-// bf16/fp16: ldmatrix fragments and mma.sync.
-template <Layout kA, Layout kB, class T>
-__device__ __forceinline__ void mma_product(Acc& acc, const T* a, const T* b, int lane) {
-  constexpr int S = smem_stride<T>();
+// The generic products below serve both the fused kernel (kMmaM x kMmaN fragments, 64 deep, smem_stride<T>()) and
+// the two-pass kernels (kPassMmaM x kPassMmaN fragments, slice or K-step deep, their own strides): the fragment
+// counts come from the accumulator's type, the depth and the row strides (elements) are template arguments.
+
+// bf16/fp16: acc[m][n] += sum_k A(m, k) B(n, k) over kProductDepth (-= when `negate`), ldmatrix fragments for both
+// operands and mma.sync m16n8k16.
+template <Layout kA, Layout kB, int kProductDepth, int kStrideA, int kStrideB, int kM, int kN, class T>
+__device__ __forceinline__ void mma_product(float (&acc)[kM][kN][4], const T* a, const T* b, int lane,
+                                            bool negate = false) {
 #pragma unroll
-  for (int k = 0; k < kDepth; k += 16) {
-    uint32_t af[kMmaM][4], bf[kMmaN][2];
+  for (int k = 0; k < kProductDepth; k += 16) {
+    uint32_t af[kM][4], bf[kN][2];
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi) ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, S));
+    for (int mi = 0; mi < kM; ++mi) ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, kStrideA));
+    if (negate)  // flip the sign bits of the 16-bit A values: exact
 #pragma unroll
-    for (int nj = 0; nj < kMmaN / 2; ++nj) {
+      for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) af[mi][q] ^= 0x80008000u;
+#pragma unroll
+    for (int nj = 0; nj < kN / 2; ++nj) {
       uint32_t r[4];
-      ldsm_x4_of<kB>(r, b + ldsm_b_offset(kB, lane, nj * 16, k, S));
+      ldsm_x4_of<kB>(r, b + ldsm_b_offset(kB, lane, nj * 16, k, kStrideB));
       bf[2 * nj][0] = r[0];
       bf[2 * nj][1] = r[1];
       bf[2 * nj + 1][0] = r[2];
       bf[2 * nj + 1][1] = r[3];
     }
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi)
+    for (int mi = 0; mi < kM; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < kMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
+      for (int ni = 0; ni < kN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
   }
 }
 
-// fp32, both operands output-major (the Gram product): 4-deep dot products from float4 rows.
-__device__ __forceinline__ void fma_product_rows(Acc& acc, const float* a, const float* b, int lane) {
-  constexpr int S = smem_stride<float>();
-#pragma unroll 2
-  for (int k = 0; k < kDepth; k += 4) {
-    float4 av[kMmaM][2], bv[kMmaN][2];
+// fp32, both operands output-major (the Gram products), A [m][k] and B [n][k] with row stride kStride: 4-deep dot
+// products from float4 rows, the K loop unrolled kUnroll times; -= when `negate`.
+template <int kProductDepth, int kStride, int kUnroll, int kM, int kN>
+__device__ __forceinline__ void fma_product_rows(float (&acc)[kM][kN][4], const float* a, const float* b, int lane,
+                                                 bool negate = false) {
+  const float sign = negate ? -1.0f : 1.0f;
+#pragma unroll(kUnroll)
+  for (int k = 0; k < kProductDepth; k += 4) {
+    float4 bv[kN][2];
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi)
+    for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        av[mi][h] = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * S + k);
+      for (int e = 0; e < 2; ++e) bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * kStride + k);
 #pragma unroll
-    for (int ni = 0; ni < kMmaN; ++ni)
+    for (int mi = 0; mi < kM; ++mi)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-        bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * S + k);
+      for (int h = 0; h < 2; ++h) {
+        float4 x = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * kStride + k);
+        x = make_float4(sign * x.x, sign * x.y, sign * x.z, sign * x.w);
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi)
+        for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
-      for (int ni = 0; ni < kMmaN; ++ni)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float4 x = av[mi][r >> 1], y = bv[ni][r & 1];
-          float v = acc[mi][ni][r];
-          v = fmaf(x.x, y.x, v);
-          v = fmaf(x.y, y.y, v);
-          v = fmaf(x.z, y.z, v);
-          v = fmaf(x.w, y.w, v);
-          acc[mi][ni][r] = v;
-        }
+          for (int e = 0; e < 2; ++e) {
+            const float4 y = bv[ni][e];
+            float v = acc[mi][ni][2 * h + e];
+            v = fmaf(x.x, y.x, v);
+            v = fmaf(x.y, y.y, v);
+            v = fmaf(x.z, y.z, v);
+            v = fmaf(x.w, y.w, v);
+            acc[mi][ni][2 * h + e] = v;
+          }
+      }
   }
 }
 
@@ -222,10 +234,10 @@ __device__ __forceinline__ void fma_product_outer(Acc& acc, const float* a, cons
 template <Layout kA, Layout kB, class T>
 __device__ __forceinline__ void warp_product(Acc& acc, const T* a, const T* b, int lane) {
   if constexpr (ElementTraits<T>::kTensorCores) {
-    mma_product<kA, kB>(acc, a, b, lane);
+    mma_product<kA, kB, kDepth, smem_stride<T>(), smem_stride<T>()>(acc, a, b, lane);
   } else if constexpr (kB == Layout::kOutputMajor) {
     static_assert(kA == Layout::kOutputMajor, "fp32 products with B [n][k] take A [m][k]");
-    fma_product_rows(acc, a, b, lane);
+    fma_product_rows<kDepth, smem_stride<float>(), 2>(acc, a, b, lane);
   } else {
     fma_product_outer<kA>(acc, a, b, lane);
   }
@@ -235,20 +247,20 @@ __device__ __forceinline__ void warp_product(Acc& acc, const T* a, const T* b, i
 // Global -> shared staging
 // ---------------------------------------------------------------------------------------------------
 
-// tile[r][c] = X[row0 + r][col0 + c] for rows < row_limit and columns < dim, zero elsewhere.
-// 16-byte cp.async where the whole vector is in range and rows are 16-byte aligned, else element loads.
-template <class T>
-__device__ __forceinline__ void stage_tile(T* tile, const T* x, int64_t stride_n, int row0, int row_limit, int col0,
-                                           int64_t dim, bool vec16) {
+// tile[r][c] = X[row0 + r][col0 + c] for r < kRows, c < kCols (row stride kStride), rows < row_limit and columns
+// < dim, zero elsewhere; kThreadCount threads share the vectors. 16-byte cp.async where the whole vector is in range
+// and rows are 16-byte aligned, else element loads.
+template <class T, int kRows, int kCols, int kStride, int kThreadCount, class Col>
+__device__ __forceinline__ void stage_block(T* tile, const T* x, int64_t stride_n, int row0, int row_limit, Col col0,
+                                            int64_t dim, bool vec16) {
   constexpr int kVec = 16 / sizeof(T);
-  constexpr int kVecsPerRow = kChunk / kVec;
-  constexpr int S = smem_stride<T>();
-  for (int v = thread_id(); v < kTile * kVecsPerRow; v += kThreads) {
+  constexpr int kVecsPerRow = kCols / kVec;
+  for (int v = thread_id(); v < kRows * kVecsPerRow; v += kThreadCount) {
     const int r = v / kVecsPerRow;
     const int c = (v % kVecsPerRow) * kVec;
     const int row = row0 + r;
     const int64_t col = static_cast<int64_t>(col0) + c;
-    T* dst = tile + r * S + c;
+    T* dst = tile + r * kStride + c;
     const T* src = x + static_cast<int64_t>(row) * stride_n + col;
     if (row < row_limit && vec16 && col + kVec <= dim) {
       cp_async_16(dst, src);
@@ -257,6 +269,13 @@ __device__ __forceinline__ void stage_tile(T* tile, const T* x, int64_t stride_n
       for (int e = 0; e < kVec; ++e) dst[e] = (row < row_limit && col + e < dim) ? src[e] : zero_value<T>();
     }
   }
+}
+
+// A 64 x 64 tile of the fused kernel (kChunk features of kTile rows).
+template <class T>
+__device__ __forceinline__ void stage_tile(T* tile, const T* x, int64_t stride_n, int row0, int row_limit, int col0,
+                                           int64_t dim, bool vec16) {
+  stage_block<T, kTile, kChunk, smem_stride<T>(), kThreads>(tile, x, stride_n, row0, row_limit, col0, dim, vec16);
 }
 
 // Multiplies the rows that this thread staged (stage_tile's vectors) by the tokens' inverse norms, in fp32,
@@ -287,6 +306,23 @@ __device__ __forceinline__ void issue_next_wait_current(const Issue& issue, int 
     cp_async_wait<1>();
   } else {
     cp_async_wait<0>();
+  }
+}
+
+// Fixed-order sum of one double per thread over the CTA's kNumWarps warps (bitwise reproducible): warp shuffles,
+// then one slot per warp in shared memory; thread 0 hands the total to `store`.
+template <int kNumWarps, class Store>
+__device__ __forceinline__ void block_sum(double thread_sum, double* warp_sums, int thread, int lane, int warp,
+                                          const Store& store) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) thread_sum += warp_shfl_xor(thread_sum, offset);
+  if (lane == 0) warp_sums[warp] = thread_sum;
+  block_sync();
+  if (thread == 0) {
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) total += warp_sums[w];
+    store(total);
   }
 }
 
@@ -537,17 +573,8 @@ VREPA_KERNEL trd_fused_pair_sums_kernel(const TrdArgs args) {
                        row0, n, col0, plan.end, mirror, args.symmetric, smem);
   }
 
-  // Fixed-order reduction: bitwise reproducible.
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) thread_sum += warp_shfl_xor(thread_sum, offset);
-  if (lane == 0) warp_sums[warp] = thread_sum;
-  block_sync();
-  if (thread == 0) {
-    double total = 0.0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-    args.partial[partial_slot(work, args.n, args.splits)] = total;
-  }
+  block_sum<kWarps>(thread_sum, warp_sums, thread, lane, warp,
+                    [&](double total) { args.partial[partial_slot(work, args.n, args.splits)] = total; });
 }
 
 #ifndef VREPA_EMULATE

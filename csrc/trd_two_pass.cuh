@@ -100,93 +100,6 @@ static_assert(kMapTile % grad_step<float>() == 0 && kMapTile % grad_step<__half>
 // Staging and products
 // ---------------------------------------------------------------------------------------------------
 
-// tile[r][c] = X[row0 + r][col0 + c] for rows < row_limit and columns < dim, zero elsewhere; 16-byte cp.async
-// where the whole vector is in range and rows are 16-byte aligned, else element loads.
-template <class T, int kRows, int kCols, int kStride>
-__device__ __forceinline__ void stage_block(T* tile, const T* x, int64_t stride_n, int row0, int row_limit,
-                                            int64_t col0, int64_t dim, bool vec16) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kVecsPerRow = kCols / kVec;
-  for (int v = thread_id(); v < kRows * kVecsPerRow; v += kPassThreads) {
-    const int r = v / kVecsPerRow;
-    const int c = (v % kVecsPerRow) * kVec;
-    const int row = row0 + r;
-    const int64_t col = col0 + c;
-    T* dst = tile + r * kStride + c;
-    const T* src = x + static_cast<int64_t>(row) * stride_n + col;
-    if (row < row_limit && vec16 && col + kVec <= dim) {
-      cp_async_16(dst, src);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) dst[e] = (row < row_limit && col + e < dim) ? src[e] : zero_value<T>();
-    }
-  }
-}
-
-// bf16/fp16: acc[m][n] += sum_k A(m, k) B(n, k) over kDepth (-= when `negate`), ldmatrix for both operands,
-// mma.sync m16n8k16.
-template <Layout kA, Layout kB, int kDepth, int kStrideA, int kStrideB, class T>
-__device__ __forceinline__ void pass_mma(PassAcc& acc, const T* a, const T* b, int lane, bool negate = false) {
-#pragma unroll
-  for (int k = 0; k < kDepth; k += 16) {
-    uint32_t af[kPassMmaM][4], bf[kPassMmaN][2];
-#pragma unroll
-    for (int mi = 0; mi < kPassMmaM; ++mi)
-      ldsm_x4_of<kA>(af[mi], a + ldsm_a_offset(kA, lane, mi * 16, k, kStrideA));
-    if (negate)  // flip the sign bits of the 16-bit A values: exact
-#pragma unroll
-      for (int mi = 0; mi < kPassMmaM; ++mi)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) af[mi][q] ^= 0x80008000u;
-#pragma unroll
-    for (int nj = 0; nj < kPassMmaN / 2; ++nj) {
-      uint32_t r[4];
-      ldsm_x4_of<kB>(r, b + ldsm_b_offset(kB, lane, nj * 16, k, kStrideB));
-      bf[2 * nj][0] = r[0];
-      bf[2 * nj][1] = r[1];
-      bf[2 * nj + 1][0] = r[2];
-      bf[2 * nj + 1][1] = r[3];
-    }
-#pragma unroll
-    for (int mi = 0; mi < kPassMmaM; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < kPassMmaN; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1], T());
-  }
-}
-
-// fp32 Gram product, A [m][k] and B [n][k]: 4-deep dot products from float4 rows.
-template <int kDepth, int kStride>
-__device__ __forceinline__ void pass_fma_rows(PassAcc& acc, const float* a, const float* b, int lane, bool negate) {
-  const float sign = negate ? -1.0f : 1.0f;
-#pragma unroll 1
-  for (int k = 0; k < kDepth; k += 4) {
-    float4 bv[kPassMmaN][2];
-#pragma unroll
-    for (int ni = 0; ni < kPassMmaN; ++ni)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) bv[ni][e] = *reinterpret_cast<const float4*>(b + (ni * 8 + acc_col(lane, e)) * kStride + k);
-#pragma unroll
-    for (int mi = 0; mi < kPassMmaM; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float4 x = *reinterpret_cast<const float4*>(a + (mi * 16 + acc_row(lane, 2 * h)) * kStride + k);
-        x = make_float4(sign * x.x, sign * x.y, sign * x.z, sign * x.w);
-#pragma unroll
-        for (int ni = 0; ni < kPassMmaN; ++ni)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float4 y = bv[ni][e];
-            float v = acc[mi][ni][2 * h + e];
-            v = fmaf(x.x, y.x, v);
-            v = fmaf(x.y, y.y, v);
-            v = fmaf(x.z, y.z, v);
-            v = fmaf(x.w, y.w, v);
-            acc[mi][ni][2 * h + e] = v;
-          }
-      }
-  }
-}
-
 // fp32 gradient product, A [m][k] or [k][m], B [k][n]: rank-1 updates.
 template <Layout kA, int kDepth, int kStrideA, int kStrideB>
 __device__ __forceinline__ void pass_fma_outer(PassAcc& acc, const float* a, const float* b, int lane) {
@@ -217,9 +130,9 @@ template <class T>
 __device__ __forceinline__ void gram_slice(PassAcc& acc, const T* rows, const T* cols, int lane, bool negate) {
   constexpr int S = rel_stride<T>();
   if constexpr (ElementTraits<T>::kTensorCores) {
-    pass_mma<Layout::kOutputMajor, Layout::kOutputMajor, slice_elems<T>(), S, S>(acc, rows, cols, lane, negate);
+    mma_product<Layout::kOutputMajor, Layout::kOutputMajor, slice_elems<T>(), S, S>(acc, rows, cols, lane, negate);
   } else {
-    pass_fma_rows<slice_elems<T>(), S>(acc, rows, cols, lane, negate);
+    fma_product_rows<slice_elems<T>(), S, 1>(acc, rows, cols, lane, negate);
   }
 }
 
@@ -228,7 +141,7 @@ template <Layout kA, class T>
 __device__ __forceinline__ void p_times_u(PassAcc& acc, const T* p, const T* u, int lane) {
   constexpr int SA = kA == Layout::kDepthMajor ? pt_stride<T>() : p_stride<T>();
   if constexpr (ElementTraits<T>::kTensorCores) {
-    pass_mma<kA, Layout::kDepthMajor, grad_step<T>(), SA, u_stride<T>()>(acc, p, u, lane);
+    mma_product<kA, Layout::kDepthMajor, grad_step<T>(), SA, u_stride<T>()>(acc, p, u, lane);
   } else {
     pass_fma_outer<kA, grad_step<T>(), SA, u_stride<T>()>(acc, p, u, lane);
   }
@@ -307,8 +220,8 @@ VREPA_PASS_KERNEL(VREPA_RELATION_MIN_BLOCKS(T)) trd_relation_pass_kernel(const T
       const int64_t dim = teacher ? t.dim : s.dim;
       const bool vec16 = teacher ? t.vec16 : s.vec16;
       const int64_t k0 = static_cast<int64_t>(teacher ? c - s_chunks : c) * kSlice;
-      stage_block<T, kPassTile, kSlice, S>(stage, base, stride_n, row0, n, k0, dim, vec16);
-      stage_block<T, kPassTile, kSlice, S>(stage + kElems, base, stride_n, col0, n, k0, dim, vec16);
+      stage_block<T, kPassTile, kSlice, S, kPassThreads>(stage, base, stride_n, row0, n, k0, dim, vec16);
+      stage_block<T, kPassTile, kSlice, S, kPassThreads>(stage + kElems, base, stride_n, col0, n, k0, dim, vec16);
     }
     cp_async_commit();  // empty groups past the end keep the wait count uniform
   };
@@ -387,18 +300,9 @@ VREPA_PASS_KERNEL(VREPA_RELATION_MIN_BLOCKS(T)) trd_relation_pass_kernel(const T
   // Word w of the tile is row w / 8, codes 16 (w % 8) ..: bytes [16 w, 16 w + 16) of `codes`. Coalesced stores.
   for (int w = thread; w < kMapTileWords; w += kPassThreads) map[w] = pack_word(codes + w * kCodesPerWord);
 
-  // Fixed-order reduction: bitwise reproducible.
-  double thread_sum = static_cast<double>(tile_sum);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) thread_sum += warp_shfl_xor(thread_sum, offset);
-  if (lane == 0) warp_sums[warp] = thread_sum;
-  block_sync();
-  if (thread == 0) {
-    double total = 0.0;
-#pragma unroll
-    for (int w = 0; w < kPassWarps; ++w) total += warp_sums[w];
-    *partial = total * (mt.i == mt.j ? 1.0 : 2.0);  // an off-diagonal tile stands for its mirror image too
-  }
+  // An off-diagonal tile stands for its mirror image too.
+  block_sum<kPassWarps>(static_cast<double>(tile_sum), warp_sums, thread, lane, warp,
+                        [&](double total) { *partial = total * (mt.i == mt.j ? 1.0 : 2.0); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -442,7 +346,7 @@ VREPA_PASS_KERNEL(2) trd_gradient_pass_kernel(const GradientPassArgs args) {
         const uint32_t* src = map + map_tile_index(col_tile, row_tile, side) * kMapTileWords + sub * kStep * kWordsPerMapRow;
         for (int v = thread; v < kStep * kWordsPerMapRow / 4; v += kPassThreads) cp_async_16(raw + 4 * v, src + 4 * v);
       }
-      stage_block<T, kStep, kGradCols, u_stride<T>()>(u_tile(c), x, args.x_stride_n, k0, n, feature0, args.dim,
+      stage_block<T, kStep, kGradCols, u_stride<T>(), kPassThreads>(u_tile(c), x, args.x_stride_n, k0, n, feature0, args.dim,
                                                       args.x_vec16);
     }
     cp_async_commit();
