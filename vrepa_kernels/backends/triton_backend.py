@@ -436,14 +436,18 @@ def choose_algorithm(algorithm: str, spec: RelationSpec, part: Optional[Tuple[in
     return "two_pass" if sign_map.map_bytes(1, tokens) <= MAP_BUDGET_BYTES else "memory_minimal"
 
 
+def _operands(features: Features) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels read: the values, contiguous, and the fp32 inverse norms."""
+    return features.values.contiguous(), features.inv_norm.float().contiguous()
+
+
 def _checked_inputs(student: Features, teacher: Features):
     _require_triton()
-    s = student.values.contiguous()
-    t = teacher.values.contiguous()
+    (s, s_inv), (t, t_inv) = _operands(student), _operands(teacher)
     if needs_wide_offsets(s.shape[1], s.shape[2], t.shape[2]):
         raise ValueError(f"the two-pass path indexes a sample in int32: N * D must stay below 2^31, got "
                          f"N={s.shape[1]}, Ds={s.shape[2]}, Dt={t.shape[2]}; use algorithm='memory_minimal'")
-    return s, t, student.inv_norm.float().contiguous(), teacher.inv_norm.float().contiguous()
+    return s, t, s_inv, t_inv
 
 
 def relation_pass(student: Features, teacher: Features, spec: RelationSpec, store_map: bool = True,
@@ -470,8 +474,7 @@ def relation_pass(student: Features, teacher: Features, spec: RelationSpec, stor
 
 def gradient_pass(features: Features, words: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
     """``P X_hat`` ``[B, N, D]`` (fp32) from the sign map of :func:`relation_pass`."""
-    x = features.values.contiguous()
-    x_inv = features.inv_norm.float().contiguous()
+    x, x_inv = _operands(features)
     batch, n, dim = x.shape
     cfg = dict(config or two_pass_config(x.dtype, x.device)["gradient"])
     out = torch.empty(batch, n, dim, dtype=torch.float32, device=x.device)
@@ -517,10 +520,7 @@ def _two_pass(student: Features, teacher: Features, spec: RelationSpec, need_s: 
 
 def _memory_minimal(student: Features, teacher: Features, spec: RelationSpec, need_s: bool, need_t: bool,
                     deterministic: bool, part: Optional[Tuple[int, int]], config: Optional[dict]):
-    s = student.values.contiguous()
-    t = teacher.values.contiguous()
-    s_inv = student.inv_norm.float().contiguous()
-    t_inv = teacher.inv_norm.float().contiguous()
+    (s, s_inv), (t, t_inv) = _operands(student), _operands(teacher)
     batch, n, ds = s.shape
     dt = t.shape[-1]
     grad = need_s or need_t
